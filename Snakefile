@@ -1,0 +1,106 @@
+"""lorabench: train every variant on every task, then tables, figures and a report.
+
+    snakemake --profile profiles/default                        # default study
+    snakemake --profile profiles/default --configfile config/smoke.yaml
+    snakemake --profile profiles/default --forcerun aggregate   # rebuild analysis only
+
+Threads, memory and GPUs per job come from the profile; the study (what to run) from config.
+"""
+
+from snakemake.utils import min_version, validate
+
+from lorabench import study
+
+min_version("9.0")
+
+
+# --configfile replaces the default study instead of being merged into it.
+if not config:
+
+    configfile: f"{workflow.basedir}/config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+RESULTS = config["results"]
+RUNS = {run.key: run for run in study.expand(config)}
+RECORDS = [run.record(RESULTS) for run in RUNS.values()]
+ROOT = workflow.basedir
+ANALYSIS = [f"{ROOT}/analysis/__init__.py", f"{ROOT}/analysis/aggregate.py"]
+TABLES = [f"{RESULTS}/tables/{name}" for name in ("runs.parquet", "runs.csv", "summary.csv", "summary.md", "summary.tex")]
+
+
+report: "analysis/report/workflow.rst"
+
+
+wildcard_constraints:
+    seed=r"\d+",
+
+
+rule all:
+    input:
+        f"{RESULTS}/report.md",
+
+
+rule train:
+    """One training run in its own process, so its peak memory and time are its own."""
+    output:
+        f"{RESULTS}/runs/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.json",
+    log:
+        f"{RESULTS}/logs/train/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.tsv"
+    params:
+        sets=lambda wildcards: RUNS[(wildcards.task, wildcards.variant, wildcards.setting, int(wildcards.seed))].cli_sets(),
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=0,
+    shell:
+        "python -m lorabench.run --task {wildcards.task} --variant {wildcards.variant}"
+        " --setting {wildcards.setting} --seed {wildcards.seed} --out {output}"
+        " --set threads={threads} {params.sets} > {log} 2>&1"
+
+
+rule aggregate:
+    """Run records -> tidy long-form tables (parquet, CSV) and summaries (Markdown, LaTeX)."""
+    input:
+        records=RECORDS,
+        code=ANALYSIS,
+    output:
+        TABLES,
+    log:
+        f"{RESULTS}/logs/aggregate.log",
+    shell:
+        "python -m analysis.aggregate {RESULTS} > {log} 2>&1"
+
+
+rule plots:
+    input:
+        tables=TABLES,
+        code=ANALYSIS + [f"{ROOT}/analysis/plots.py"],
+    output:
+        png=report(
+            f"{RESULTS}/figures/score_vs_params.png",
+            caption="analysis/report/score_vs_params.rst",
+            category="Scores",
+        ),
+        pdf=f"{RESULTS}/figures/score_vs_params.pdf",
+    log:
+        f"{RESULTS}/logs/plots.log",
+    shell:
+        "python -m analysis.plots {RESULTS} > {log} 2>&1"
+
+
+rule report:
+    input:
+        tables=TABLES,
+        figures=rules.plots.output,
+        code=ANALYSIS + [f"{ROOT}/analysis/report.py"],
+    output:
+        f"{RESULTS}/report.md",
+    log:
+        f"{RESULTS}/logs/report.log",
+    shell:
+        "python -m analysis.report {RESULTS} --no-rebuild > {log} 2>&1"

@@ -1,0 +1,224 @@
+"""The Markdown report: environment, a results table per task, the figure, what it shows, failures.
+
+``python -m analysis.report RESULTS_DIR`` rebuilds tables and figures from the run records,
+then writes ``RESULTS_DIR/report.md``. With ``--no-rebuild`` it reads the tables and figures
+already on disk instead (the Snakemake ``report`` rule, which runs after ``aggregate`` and
+``plots``). The report names no time of its own, so the same records give the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.aggregate import BYTES_PER_MB, LOWER_IS_BETTER, markdown_table, runs_from_tidy, write_tables
+from analysis.plots import FULL, score_label, variant_label, write_figures
+
+FIGURE = "figures/score_vs_params.png"
+# (run column, name in the report); machines and commits are what make numbers incomparable.
+ENVIRONMENT_FIELDS = [
+    ("device", "device"),
+    ("hostname", "host"),
+    ("threads", "threads"),
+    ("python", "python"),
+    ("pkg_torch", "torch"),
+    ("pkg_transformers", "transformers"),
+    ("git_commit", "git commit"),
+]
+MACHINE_NAMES = {"device", "host", "threads"}
+SOFTWARE_NAMES = {"python", "torch", "transformers"}
+
+
+def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
+    """Write ``results_dir/report.md``; with ``rebuild`` first rewrite tables and figures."""
+    results = Path(results_dir)
+    if rebuild:
+        long, summary = write_tables(results)
+        write_figures(results, summary)
+    else:
+        long, summary = read_tables(results)
+    path = results / "report.md"
+    path.write_text(render(runs_from_tidy(long), summary, figure_exists=(results / FIGURE).exists()))
+    return path
+
+
+def read_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(tidy runs, summary) as ``analysis.aggregate`` wrote them."""
+    tables = Path(results_dir, "tables")
+    missing = [name for name in ("runs.parquet", "summary.csv") if not (tables / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{tables} lacks {', '.join(missing)}: run `python -m analysis.aggregate {results_dir}` first, or drop --no-rebuild"
+        )
+    return pd.read_parquet(tables / "runs.parquet"), pd.read_csv(tables / "summary.csv")
+
+
+def render(runs: pd.DataFrame, summary: pd.DataFrame, figure_exists: bool = True) -> str:
+    """The report's Markdown, from run-level rows and the summary table."""
+    if runs.empty:
+        sections = ["# lorabench report", "No run records under `runs/` yet.", "## Failed runs\n\nnone"]
+    else:
+        sections = [
+            header(runs),
+            environment(runs),
+            results(summary),
+            figure(figure_exists),
+            findings(summary),
+            failed_runs(runs),
+        ]
+    return "\n\n".join(sections) + "\n"
+
+
+def header(runs: pd.DataFrame) -> str:
+    failed = int((runs["status"] == "failed").sum())
+    finished = runs["finished_at"].dropna()
+    span = f", finished between {finished.min()} and {finished.max()}" if len(finished) else ""
+    return (
+        f"# lorabench report\n\n{len(runs)} runs ({len(runs) - failed} ok, {failed} failed) over "
+        f"{_count(runs['task'].nunique(), 'task')} and {_count(runs['variant'].nunique(), 'variant')}{span}."
+    )
+
+
+def environment(runs: pd.DataFrame) -> str:
+    """Where the records come from; values that differ between records are listed with counts."""
+    lines, varying = ["## Environment", ""], []
+    for column, name in ENVIRONMENT_FIELDS:
+        values = runs[column].dropna().astype(str) if column in runs else pd.Series(dtype=str)
+        counts = values.value_counts()
+        if counts.empty:
+            lines.append(f"- {name}: not recorded")
+        elif len(counts) == 1:
+            lines.append(f"- {name}: {counts.index[0]}")
+        else:
+            varying.append(name)
+            listed = ", ".join(f"{value} ({count} runs)" for value, count in counts.items())
+            lines.append(f"- {name}: **{len(counts)} distinct values**: {listed}")
+    dirty = int(runs["git_dirty"].fillna(False).astype(bool).sum())
+    if dirty:
+        lines.append(f"- uncommitted changes in the working tree for {dirty} of {len(runs)} runs")
+    if varying:
+        where = []
+        if MACHINE_NAMES.intersection(varying):
+            where.append("more than one machine")
+        if "git commit" in varying:
+            where.append("more than one commit")
+        if SOFTWARE_NAMES.intersection(varying):
+            where.append("more than one software version")
+        lines += [
+            "",
+            f"**Note:** these records come from {' and '.join(where)} (differing: {', '.join(varying)}); "
+            + "compare timings and memory across them with care.",
+        ]
+    return "\n".join(lines)
+
+
+def results(summary: pd.DataFrame) -> str:
+    """One table per task: the score over seeds and the mean costs of each variant."""
+    kinds = ", ".join(sorted(summary["peak_memory_kind"].dropna().unique())) or "not recorded"
+    parts = [
+        "## Results",
+        "Score: mean ± sample standard deviation over successful seeds (n); costs: means over the same seeds. "
+        + f"MB = {BYTES_PER_MB:,} bytes. Peak memory kind: {kinds}.",
+    ]
+    for task, rows in summary.groupby("task", sort=True):
+        table = pd.DataFrame(
+            {
+                "variant": [variant_label(v, s) for v, s in zip(rows["variant"], rows["setting"])],
+                "score mean ± std (n)": [score_cell(row) for row in rows.itertuples(index=False)],
+                "trainable params": rows["trainable"].round().astype("Int64"),
+                "adapter MB": rows["adapter_mb"],
+                "peak memory MB": rows["peak_memory_mb"],
+                "tokens/s": rows["tokens_per_s"],
+                "wall s": rows["wall_s"],
+            }
+        )
+        parts.append(f"### {task} ({score_label(rows)})\n\n{markdown_table(table)}")
+    return "\n\n".join(parts)
+
+
+def score_cell(row) -> str:
+    """ "0.8700 ± 0.0100 (3)", "0.8000 (1), 1 failed", or "— (0), 2 failed"."""
+    if row.n_seeds == 0:
+        text = "— (0)"
+    elif row.n_seeds == 1:
+        text = f"{row.score_mean:.4f} (1)"
+    else:
+        text = f"{row.score_mean:.4f} ± {row.score_std:.4f} ({row.n_seeds})"
+    return f"{text}, {row.n_failed} failed" if row.n_failed else text
+
+
+def figure(exists: bool) -> str:
+    if not exists:
+        return f"## Figure\n\n_{FIGURE} is missing: run `python -m analysis.plots RESULTS_DIR`._"
+    pdf = FIGURE.removesuffix(".png") + ".pdf"
+    return f"## Figure\n\n![Score vs trainable parameters]({FIGURE})\n\n[PDF]({pdf})"
+
+
+def findings(summary: pd.DataFrame) -> str:
+    """What the figure shows, in numbers: the best variant per task and each one relative to full."""
+    parts = ["## What the figure shows"]
+    for task, rows in summary.groupby("task", sort=True):
+        scored = rows.dropna(subset=["score_mean"])
+        if scored.empty:
+            parts.append(f"**{task}**: no variant has a successful run.")
+            continue
+        metric = score_label(rows)
+        lower_is_better = str(rows["primary_metric"].dropna().iloc[0]) in LOWER_IS_BETTER
+        best = scored.loc[scored["score_mean"].idxmin() if lower_is_better else scored["score_mean"].idxmax()]
+        text = (
+            f"**{task}**: the best {metric} is {variant_label(best.variant, best.setting)}'s "
+            f"{best.score_mean:.4f} (n={best.n_seeds})."
+        )
+        full = scored[scored["variant"] == FULL]
+        if full.empty:
+            text += " Full fine-tuning has no successful run here, so there is no reference to compare with."
+        else:
+            reference = full.iloc[0]
+            others = scored[scored["variant"] != FULL]
+            text += f" Full fine-tuning scores {reference.score_mean:.4f} with {reference.trainable:,.0f} trainable parameters."
+            if len(others):
+                text += (
+                    " Relative to it: "
+                    + "; ".join(
+                        f"{variant_label(row.variant, row.setting)} reaches "
+                        f"{100 * row.score_mean / reference.score_mean:.1f}% of its score with "
+                        f"{_percent(row.trainable, reference.trainable)} of its trainable parameters"
+                        for row in others.itertuples(index=False)
+                    )
+                    + "."
+                )
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
+def failed_runs(runs: pd.DataFrame) -> str:
+    failed = runs.loc[runs["status"] == "failed", ["task", "variant", "setting", "seed", "error"]]
+    return "## Failed runs\n\n" + (markdown_table(failed) if len(failed) else "none")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _percent(part: float, whole: float) -> str:
+    if math.isnan(part) or math.isnan(whole) or whole == 0:
+        return "an unknown share"
+    return f"{100 * part / whole:.3g}%"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results_dir", type=Path, help="the folder holding runs/ (report.md is written there)")
+    parser.add_argument(
+        "--no-rebuild", action="store_true", help="read tables/ and figures/ as they are instead of rebuilding them from runs/"
+    )
+    args = parser.parse_args(argv)
+    print(build_report(args.results_dir, rebuild=not args.no_rebuild))
+
+
+if __name__ == "__main__":
+    main()

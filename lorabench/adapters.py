@@ -1,0 +1,230 @@
+"""Attach a variant to a model with forward hooks; save, load and merge the result.
+
+The base model's modules are never replaced: each targeted ``nn.Linear`` gets the tensors
+its variant asks for (``lora_*`` parameters and frozen buffers), a ``lora_config`` attribute
+and a forward hook that returns ``variant.forward(layer, x, y)``. Task heads that the base
+checkpoint lacks (``classifier``, ``score``) are trained by every variant, as PEFT's
+``modules_to_save`` does. Adapters are stored as safetensors with their config as JSON
+metadata: loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import variants
+
+FORMAT_VERSION = "1"
+TASK_HEADS = ("classifier", "score")
+
+
+class AdapterError(ValueError):
+    """A bad adapter file or an adapter that does not fit the model."""
+
+
+@dataclass
+class Attachment:
+    """What attach() did to a model, kept on it so save/merge/detach can undo or store it."""
+
+    variant: ModuleType
+    config: Any
+    layers: dict[str, nn.Linear]
+    heads: list[str]
+    hooks: list[Any] = field(default_factory=list)
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    return [name for name in TASK_HEADS if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def find_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Linear]:
+    """Linear layers to adapt: ``"all-linear"`` (every one outside the task and LM heads) or a
+    list of name suffixes (``["query", "value"]`` matches ``...attention.self.query``)."""
+    excluded = tuple(task_heads(model)) + ("lm_head",)
+    found = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module_name.split(".")[0] in excluded:
+            continue
+        if targets == "all-linear" or any(re.search(rf"(^|\.){re.escape(t)}$", module_name) for t in targets):
+            found[module_name] = module
+    if not found:
+        raise AdapterError(
+            f"targets={targets!r} matches no linear layer of {type(model).__name__}; "
+            "use 'all-linear' or name suffixes such as ['query', 'value']"
+        )
+    return found
+
+
+def attach(model: nn.Module, variant: ModuleType, cfg: Any, targets: str | list[str] = "all-linear") -> Attachment:
+    """Freeze the base (unless the variant trains it), add the variant's tensors and hooks."""
+    if hasattr(model, "lorabench_attachment"):
+        raise AdapterError("the model already has an adapter attached; detach() or merge() it first")
+    trains_base = getattr(variant, "TRAINS_BASE", False)
+    for parameter in model.parameters():
+        parameter.requires_grad_(trains_base)
+    heads = task_heads(model)
+    for head in heads:
+        getattr(model, head).requires_grad_(True)
+
+    layers = {} if trains_base and not variant.param_specs(1, 1, cfg) else find_targets(model, targets)
+    attachment = Attachment(variant, cfg, layers, heads)
+    for layer_name, layer in layers.items():
+        _add_tensors(layer_name, layer, variant, cfg)
+    if hasattr(variant, "group_init"):
+        variant.group_init(model, layers, cfg)
+    for layer in layers.values():
+        if hasattr(variant, "init"):
+            variant.init(layer, cfg)
+        attachment.hooks.append(layer.register_forward_hook(_hook(variant)))
+    model.lorabench_attachment = attachment
+    return attachment
+
+
+def _add_tensors(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
+    d_out, d_in = layer.weight.shape
+    rank = getattr(cfg, "rank", None)
+    if rank is not None and rank > min(d_in, d_out):
+        raise AdapterError(
+            f"rank={rank} is larger than layer {layer_name} ({d_out} x {d_in}) allows; "
+            f"set rank <= {min(d_in, d_out)} or narrow 'targets'"
+        )
+    dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
+    for key, spec in variant.param_specs(d_in, d_out, cfg).items():
+        if not key.startswith("lora_"):
+            raise AdapterError(f"variants/{variant.name}.py: tensor {key!r} must be named lora_*")
+        tensor = torch.empty(spec.shape, dtype=dtype, device=layer.weight.device)
+        with torch.no_grad():
+            spec.init(tensor)
+        if spec.trainable:
+            layer.register_parameter(key, nn.Parameter(tensor))
+        else:
+            layer.register_buffer(key, tensor)
+    layer.lora_config = cfg
+
+
+def _hook(variant: ModuleType):
+    def hook(layer, args, output):
+        return variant.forward(layer, args[0], output)
+
+    return hook
+
+
+def attachment_of(model: nn.Module) -> Attachment:
+    try:
+        return model.lorabench_attachment
+    except AttributeError:
+        raise AdapterError("no adapter is attached to this model; call attach() first") from None
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove hooks and adapter tensors, leaving the (possibly merged) base model."""
+    attachment = attachment_of(model)
+    for handle in attachment.hooks:
+        handle.remove()
+    for layer in attachment.layers.values():
+        for key in [k for k in list(layer._parameters) + list(layer._buffers) if k.startswith("lora_")]:
+            delattr(layer, key)
+        del layer.lora_config
+    del model.lorabench_attachment
+    return model
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold each layer's dW into W and detach: same outputs, no hooks, no extra cost."""
+    attachment = attachment_of(model)
+    if attachment.layers and not hasattr(attachment.variant, "delta_weight"):
+        raise AdapterError(f"variant {attachment.variant.name!r} defines no delta_weight(), so it cannot be merged")
+    for layer in attachment.layers.values():
+        layer.weight += attachment.variant.delta_weight(layer).to(layer.weight.dtype)
+    return detach(model)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor needed to rebuild the fine-tuned model from its base checkpoint."""
+    attachment = attachment_of(model)
+    if getattr(attachment.variant, "TRAINS_BASE", False):
+        return {name: p.detach() for name, p in model.named_parameters()}
+    state = {}
+    for layer_name, layer in attachment.layers.items():
+        for key, tensor in list(layer.named_parameters(recurse=False)) + list(layer.named_buffers(recurse=False)):
+            if key.startswith("lora_"):
+                state[f"{layer_name}.{key}"] = tensor.detach()
+    for head in attachment.heads:
+        for key, tensor in getattr(model, head).state_dict().items():
+            state[f"{head}.{key}"] = tensor.detach()
+    return state
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def save(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    attachment = attachment_of(model)
+    metadata = {
+        "format": "lorabench-adapter",
+        "format_version": FORMAT_VERSION,
+        "variant": attachment.variant.name,
+        "config": json.dumps(asdict(attachment.config)),
+        "targets": json.dumps(list(attachment.layers)),
+        **(extra_metadata or {}),
+    }
+    tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_state(model).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{path}: not a readable safetensors adapter ({error})") from error
+    if metadata.get("format") != "lorabench-adapter":
+        raise AdapterError(f"{path}: metadata lacks format=lorabench-adapter; not a lorabench adapter file")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{path}: adapter format_version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return metadata
+
+
+def load(model: nn.Module, path: str | Path) -> Attachment:
+    """Attach the adapter stored at ``path`` to a freshly loaded base ``model``."""
+    metadata = read_metadata(path)
+    variant = variants.get(metadata["variant"])
+    cfg = variant.Config(**json.loads(metadata["config"]))
+    targets = json.loads(metadata["targets"])
+    layers = {name: module for name, module in model.named_modules() if name in set(targets)}
+    missing_layers = sorted(set(targets) - set(layers))
+    if missing_layers:
+        raise AdapterError(f"{path}: the model has no layers {missing_layers[:3]}...; was it trained on another model?")
+    attachment = attach(model, variant, cfg, targets=targets)
+    expected = adapter_state(model)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{path}: corrupt adapter file ({error})") from error
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"{path}: adapter tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for key, tensor in expected.items():
+            if tensor.shape != stored[key].shape:
+                raise AdapterError(f"{path}: tensor {key} has shape {tuple(stored[key].shape)}, the model needs {tuple(tensor.shape)}")
+            tensor.copy_(stored[key])
+    return attachment

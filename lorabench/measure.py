@@ -1,0 +1,102 @@
+"""Measurements that belong in every run record: size, memory and throughput.
+
+Peak memory is the CUDA allocator's maximum on GPU and the process's peak resident set size
+on CPU (tracemalloc does not see tensor storage). Since one run is one process, the peak
+belongs to that run alone. Throughput counts non-padding tokens and excludes warm-up steps.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    parameters = list(model.parameters())
+    return {
+        "trainable": sum(p.numel() for p in parameters if p.requires_grad),
+        "total": sum(p.numel() for p in parameters),
+    }
+
+
+def file_bytes(path: str | Path | None) -> int | None:
+    return Path(path).stat().st_size if path is not None and Path(path).exists() else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(megabytes, what was measured)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
+    return kilobytes * scale / 2**20, "cpu_peak_rss"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Throughput:
+    """Counts samples and tokens over timed steps; the first ``warmup_steps`` are not timed.
+
+    ``pause``/``resume`` bracket work that is not training (evaluation), so that tokens/s
+    describes training alone.
+    """
+
+    def __init__(self, device: torch.device, warmup_steps: int):
+        self.device = device
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self.samples = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self._timing = False
+        self._since: float | None = None
+
+    def begin(self) -> None:
+        if self.warmup_steps == 0:
+            self._start()
+
+    def step_done(self, samples: int, tokens: int) -> None:
+        """Call after each optimizer step with what that step consumed."""
+        self.steps += 1
+        if self._timing:
+            self.samples += samples
+            self.tokens += tokens
+        elif self.steps == self.warmup_steps:
+            self._start()
+
+    def _start(self) -> None:
+        synchronize(self.device)
+        self._timing = True
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            synchronize(self.device)
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def resume(self) -> None:
+        if self._timing and self._since is None:
+            self._since = time.perf_counter()
+
+    def summary(self) -> dict[str, float | int | None]:
+        self.pause()
+        return {
+            "timed_steps": max(self.steps - self.warmup_steps, 0),
+            "timed_s": self.seconds,
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
+            "samples_per_s": self.samples / self.seconds if self.seconds > 0 else None,
+        }

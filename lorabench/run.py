@@ -1,0 +1,288 @@
+"""One training run, one process, one record.
+
+    python -m lorabench.run --task sst2 --variant lora --seed 0 --set rank=16 lr=1e-3
+
+Hyper-parameters form one flat namespace: engine settings (below), the training loop's
+(``TrainConfig``) and the variant's config. Defaults are layered: engine < task < variant's
+``TRAIN_DEFAULTS`` < ``--set``. An unknown key, a value of the wrong type or out of range is
+rejected before anything loads; a bad data file or a rank too large for a layer before
+training starts. Such input errors exit with status 2 and write no record. A run that fails
+while training (a diverging loss, out of memory, ...) writes a record with ``status: failed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+import tasks
+import variants
+from lorabench import adapters, measure, models, records
+from lorabench.train import DivergedError, TrainConfig, evaluate, train
+
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "model": None,
+    "model_source": "auto",
+    "data_dir": None,
+    "data_source": "auto",
+    "data_seed": 0,
+    "train_size": 0,
+    "val_size": 0,
+    "eval_size": 0,
+    "max_length": 128,
+    "targets": "all-linear",
+    "save_adapter": True,
+    "device": "auto",
+    "threads": 0,
+}
+DEFAULT_MODEL = {"encoder": "minilm"}
+MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter")
+POSITIVE = ("lr", "batch_size", "grad_accum", "max_steps", "max_length", "eval_batch_size", "log_every")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "eval_every", "timing_warmup_steps", "bucket_batches",
+                "train_size", "val_size", "eval_size", "threads", "data_seed")
+PACKAGES = ("torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
+
+
+class ConfigError(ValueError):
+    """A hyper-parameter that does not exist or has a bad value."""
+
+
+def defaults(task: tasks.Task, variant) -> dict[str, Any]:
+    train_defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    layered = {**ENGINE_DEFAULTS, **train_defaults, **variants.config_fields(variant)}
+    layered["model"] = DEFAULT_MODEL.get(task.family)
+    for source, extra in (("task " + task.name, task.defaults), (f"variants/{variant.name}.py TRAIN_DEFAULTS", getattr(variant, "TRAIN_DEFAULTS", {}))):
+        unknown = sorted(set(extra) - set(layered))
+        if unknown:
+            raise ConfigError(f"{source} sets unknown keys {unknown}")
+        layered.update(extra)
+    return layered
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars or lists: 1e-3, 8, true, null, [query, value]."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            return value
+    return value
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    if default is None or key == "targets":
+        if key == "targets" and not (value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
+            raise ConfigError(f"targets={value!r}: use 'all-linear' or a list of layer-name suffixes such as [query, value]")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return float(value)
+    if not isinstance(value, type(default)):
+        raise ConfigError(f"{key}={value!r} must be a {type(default).__name__}")
+    return value
+
+
+def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Every hyper-parameter of a run, checked; raises naming the offending key."""
+    task, variant = tasks.get(task_name), variants.get(variant_name)
+    hparams = defaults(task, variant)
+    unknown = sorted(set(overrides) - set(hparams))
+    if unknown:
+        raise ConfigError(f"unknown hyper-parameter(s) {unknown} for variant {variant_name!r}; known: {', '.join(sorted(hparams))}")
+    for key, value in overrides.items():
+        hparams[key] = _check_type(key, value, hparams[key])
+    for key in POSITIVE:
+        if hparams[key] <= 0:
+            raise ConfigError(f"{key}={hparams[key]} must be > 0")
+    for key in NON_NEGATIVE:
+        if hparams[key] < 0:
+            raise ConfigError(f"{key}={hparams[key]} must be >= 0")
+    if not 0 <= hparams["warmup_ratio"] < 1:
+        raise ConfigError(f"warmup_ratio={hparams['warmup_ratio']} must be in [0, 1)")
+    try:
+        variants.make_config(variant, hparams)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"variant {variant_name}: {error}") from error
+    return hparams
+
+
+def split_sizes(splits: dict, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Seeded subsets: validation carved out of train (disjoint), train and eval subsampled."""
+    rng = np.random.default_rng(hparams["data_seed"])
+    train_order = rng.permutation(len(splits["train"]))
+    val_size = hparams["val_size"]
+    if val_size >= len(train_order):
+        raise ConfigError(f"val_size={val_size} leaves no training data ({len(train_order)} rows)")
+    rest = train_order[val_size:]
+    train_rows = rest[: hparams["train_size"]] if hparams["train_size"] else rest
+    eval_rows = np.arange(len(splits["eval"]))
+    if hparams["eval_size"] and hparams["eval_size"] < len(eval_rows):
+        eval_rows = np.sort(rng.permutation(len(eval_rows))[: hparams["eval_size"]])
+    return {
+        "train": splits["train"].select(np.sort(train_rows)),
+        "val": splits["train"].select(np.sort(train_order[:val_size])),
+        "eval": splits["eval"].select(eval_rows),
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    root = Path(__file__).resolve().parent.parent
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout
+        dirty = bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "lorabench_version": versions.get("lorabench") or _own_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "packages": versions,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _own_version() -> str | None:
+    try:
+        return importlib.metadata.version("lorabench")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def execute(task_name: str, variant_name: str, seed: int, setting: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Run and write the record at ``out``; input errors raise before a record exists."""
+    task, variant = tasks.get(task_name), variants.get(variant_name)
+    hparams = resolve_hparams(task_name, variant_name, overrides)
+    device = pick_device(hparams["device"])
+    if hparams["threads"]:
+        torch.set_num_threads(hparams["threads"])
+    seed_everything(seed)
+    variant_cfg = variants.make_config(variant, hparams)
+    train_cfg = TrainConfig(**{f.name: hparams[f.name] for f in dataclasses.fields(TrainConfig)})
+    hashed = {key: value for key, value in hparams.items() if key not in MACHINE_LOCAL}
+    run_section = {"task": task_name, "variant": variant_name, "setting": setting, "model": hparams["model"],
+                   "seed": seed, "hparams": hparams, "config_hash": records.config_hash(hashed)}
+    record = records.new_record(run_section, environment(device))
+
+    splits = split_sizes(task.load(hparams["data_dir"], hparams["data_source"]), hparams)
+    model, tokenizer = models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
+    model.to(device)
+    adapters.attach(model, variant, variant_cfg, hparams["targets"])
+    encoded = {name: task.encode(tokenizer, split, hparams["max_length"]) for name, split in splits.items()}
+    record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None}
+    record["run"]["data"] = {name: len(rows) for name, rows in encoded.items()}
+
+    measure.reset_peak_memory(device)
+    started = time.perf_counter()
+    try:
+        record["train"] = train(model, variant, variant_cfg, task, encoded["train"], encoded["val"], train_cfg, tokenizer.pad_token_id, device, seed)
+        metrics = evaluate(model, encoded["eval"], task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)
+    except (DivergedError, torch.OutOfMemoryError) as error:
+        record["status"] = "failed"
+        record["error"] = {"type": type(error).__name__, "message": str(error), "step": getattr(error, "step", None)}
+        record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        records.write_atomic(out, record)
+        return record
+    record["train"]["wall_s"] = time.perf_counter() - started
+    record["train"]["peak_memory_mb"], record["train"]["peak_memory_kind"] = measure.peak_memory(device)
+    record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
+                      "primary": task.primary, "primary_value": metrics[task.primary]}
+    if hparams["save_adapter"]:
+        adapter_path = out.with_suffix(".safetensors")
+        adapters.save(model, adapter_path, {"task": task_name, "model": hparams["model"], "seed": str(seed)})
+        record["params"]["adapter_path"] = str(adapter_path)
+        record["params"]["adapter_bytes"] = measure.file_bytes(adapter_path)
+    record["status"] = "ok"
+    record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    records.write_atomic(out, record)
+    return record
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-3")
+        overrides[key.strip()] = parse_value(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lorabench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help=f"one of: {', '.join(tasks.REGISTRY)}")
+    parser.add_argument("--variant", required=True, help=f"one of: {', '.join(variants.REGISTRY)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--setting", default="default", help="name of the hyper-parameter setting (a folder of the record path)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a hyper-parameter")
+    parser.add_argument("--results", default="results", help="results folder (default: results)")
+    parser.add_argument("--out", help="record path (default: RESULTS/runs/TASK/VARIANT/SETTING/seedS.json)")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else records.record_path(args.results, args.task, args.variant, args.setting, args.seed)
+    try:
+        record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out)
+    except (ConfigError, tasks.DataError, adapters.AdapterError, variants.UnknownVariantError, tasks.UnknownTaskError, FileNotFoundError) as error:
+        print(f"lorabench.run: error: {error}", file=sys.stderr)
+        return 2
+    summary = f"{record['status']}: {args.task}/{args.variant} seed {args.seed}"
+    if record["status"] == "ok":
+        summary += f" {record['eval']['primary']}={record['eval']['primary_value']:.4f} in {record['train']['wall_s']:.0f}s"
+    else:
+        summary += f" ({record['error']['message']})"
+    print(f"{summary} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The training loop, in one readable pass: batches, AdamW, schedule, clipping, evaluation.
+
+Batches are length-bucketed (examples of similar length share a batch, then batches are
+shuffled) and padded per batch, so little compute goes to padding. The learning rate warms
+up linearly and decays linearly to zero. A non-finite loss stops training with
+``DivergedError``, which the run turns into a failed record.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorabench import measure
+from lorabench.adapters import trainable_parameters
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 600
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    eval_batch_size: int = 128
+    log_every: int = 10
+    timing_warmup_steps: int = 5
+    bucket_batches: int = 50
+
+
+class DivergedError(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss is {loss} at step {step}; lower lr or raise warmup_ratio")
+        self.step = step
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator, bucket_batches: int) -> list[list[int]]:
+    """One epoch of batches: shuffle, sort each chunk of ``bucket_batches`` batches by length,
+    cut it into batches, shuffle the batches. ``bucket_batches=0`` gives plain random batches."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk = batch_size * bucket_batches if bucket_batches > 0 else len(order)
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        if bucket_batches > 0:
+            part.sort(key=lambda i: lengths[i], reverse=True)
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def endless_batches(examples: list[dict], cfg: TrainConfig, generator: torch.Generator) -> Iterator[list[dict]]:
+    lengths = [len(example["input_ids"]) for example in examples]
+    while True:
+        for batch in length_grouped_batches(lengths, cfg.batch_size, generator, cfg.bucket_batches):
+            yield [examples[i] for i in batch]
+
+
+def collate(examples: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad to the longest example of this batch; labels pass through."""
+    width = max(len(example["input_ids"]) for example in examples)
+    batch: dict[str, Any] = {"input_ids": [], "attention_mask": []}
+    if "token_type_ids" in examples[0]:
+        batch["token_type_ids"] = []
+    for example in examples:
+        pad = width - len(example["input_ids"])
+        batch["input_ids"].append(example["input_ids"] + [pad_id] * pad)
+        batch["attention_mask"].append([1] * len(example["input_ids"]) + [0] * pad)
+        if "token_type_ids" in batch:
+            batch["token_type_ids"].append(example["token_type_ids"] + [0] * pad)
+    tensors = {key: torch.tensor(value, device=device) for key, value in batch.items()}
+    tensors["labels"] = torch.tensor([example["labels"] for example in examples], device=device)
+    return tensors
+
+
+def make_optimizer(model: nn.Module, variant, variant_cfg, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters. A variant's own groups (e.g. LoRA+'s learning-rate
+    ratio) come first; the rest decay weight on matrices only, not on biases and norms."""
+    groups = variant.param_groups(model, cfg.lr, variant_cfg) if hasattr(variant, "param_groups") else []
+    grouped = {id(p) for group in groups for p in group["params"]}
+    rest = [p for _, p in trainable_parameters(model) if id(p) not in grouped]
+    groups += [
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=cfg.lr)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device: torch.device) -> tuple[list, list]:
+    """Predictions and labels, batching examples of similar length together for speed."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    predictions: dict[int, Any] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = collate([examples[i] for i in indices], pad_id, device)
+        batch.pop("labels")
+        logits = model(**batch).logits.float()
+        values = logits.argmax(-1) if logits.shape[-1] > 1 else logits.squeeze(-1)
+        predictions.update(zip(indices, values.tolist()))
+    model.train(was_training)
+    return [predictions[i] for i in range(len(examples))], [example["labels"] for example in examples]
+
+
+def evaluate(model, examples, task, pad_id, batch_size, device) -> dict[str, float]:
+    predictions, labels = predict(model, examples, pad_id, batch_size, device)
+    return task.metrics(predictions, labels)
+
+
+def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: TrainConfig, pad_id: int, device: torch.device, seed: int) -> dict:
+    """Train in place; return the record's ``train`` section (without memory, added by run)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = endless_batches(train_examples, cfg, generator)
+    optimizer = make_optimizer(model, variant, variant_cfg, cfg)
+    schedule = make_schedule(optimizer, cfg)
+    parameters = [p for _, p in trainable_parameters(model)]
+    throughput = measure.Throughput(device, cfg.timing_warmup_steps)
+    loss_curve, val_curve = [], []
+    samples_seen = tokens_seen = 0
+
+    model.train()
+    throughput.begin()
+    interactive = sys.stderr.isatty()  # in a job log, a line a minute rather than a line per refresh
+    progress = tqdm(range(1, cfg.max_steps + 1), desc=f"{task.name}/{variant.name}", mininterval=1 if interactive else 60, leave=interactive)
+    for step in progress:
+        step_loss = step_samples = step_tokens = 0
+        for _ in range(cfg.grad_accum):
+            batch = collate(next(batches), pad_id, device)
+            loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            step_samples += batch["input_ids"].shape[0]
+            step_tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(step_loss):
+            raise DivergedError(step, step_loss)
+        torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(variant, "on_step"):
+            variant.on_step(model, step)
+        throughput.step_done(step_samples, step_tokens)
+        samples_seen += step_samples
+        tokens_seen += step_tokens
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            loss_curve.append([step, round(step_loss, 6)])
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+        if cfg.eval_every and val_examples and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            throughput.pause()
+            score = evaluate(model, val_examples, task, pad_id, cfg.eval_batch_size, device)[task.primary]
+            val_curve.append([step, score])
+            throughput.resume()
+    progress.close()
+    return {"steps": cfg.max_steps, "samples": samples_seen, "tokens": tokens_seen, **throughput.summary(), "loss_curve": loss_curve, "val_curve": val_curve}

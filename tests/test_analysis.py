@@ -1,0 +1,195 @@
+"""Analysis on synthetic run records with known numbers: tables, figure, report."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis import aggregate, plots, report
+from lorabench import records
+
+# Student t quantiles t(0.975, df) from printed tables, for the hand-computed intervals.
+T_975 = {1: 12.706204736, 2: 4.302652730}
+MB = 2**20
+FULL_PARAMS, LORA_PARAMS, VERA_PARAMS = 23_000_000, 300_000, 10_000
+
+
+def write_run(results, task, variant, seed, score=None, *, trainable, peak_mb=1000.0, error=None, commit="abc123"):
+    """A valid record; ``score=None`` with ``error`` makes a failed run."""
+    hparams = {"lr": 5e-4, "rank": 8, "target_modules": ["query", "value"], "max_steps": 600}
+    run = {
+        "task": task,
+        "variant": variant,
+        "setting": "default",
+        "model": "minilm",
+        "seed": seed,
+        "hparams": hparams,
+        "config_hash": records.config_hash(hparams),
+    }
+    meta = {
+        "device": "cpu",
+        "threads": 2,
+        "hostname": "h",
+        "python": "3.11.7",
+        "git_commit": commit,
+        "git_dirty": False,
+        "packages": {"torch": "2.13.0", "transformers": "5.23.0"},
+        "finished_at": f"2026-11-23T02:0{seed}:00+00:00",
+    }
+    record = records.new_record(run, meta)
+    if error:
+        record.update(status="failed", error=error)
+    else:
+        metrics = {"accuracy": score, "f1": score - 0.01} if task == "sst2" else {"accuracy": score}
+        record.update(
+            status="ok",
+            params={"trainable": trainable, "total": FULL_PARAMS, "adapter_bytes": 4 * MB, "adapter_path": "a"},
+            train={
+                "steps": 600,
+                "samples": 19200,
+                "tokens": 260_000,
+                "wall_s": 180.0,
+                "tokens_per_s": 1500.0,
+                "samples_per_s": 110.0,
+                "peak_memory_mb": peak_mb,
+                "peak_memory_kind": "cpu_rss",
+                "loss_curve": [[10, 0.69]],
+                "val_curve": [],
+            },
+            eval={"split": "dev", "n": 872, "metrics": metrics, "primary": "accuracy", "primary_value": score},
+        )
+    records.write_atomic(records.record_path(results, task, variant, "default", seed), record)
+
+
+DIVERGED = {"type": "DivergedError", "message": "loss is nan", "step": 37}
+OOM = {"type": "OutOfMemoryError", "message": "CUDA out of memory", "step": 0}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """sst2: full x3, lora x2, vera 1 ok + 1 failed; imdb: full, lora, vera failed (other commit)."""
+    results = tmp_path_factory.mktemp("results")
+    for seed, (score, peak) in enumerate([(0.90, 900.0), (0.92, 1000.0), (0.94, 1100.0)]):
+        write_run(results, "sst2", "full", seed, score, trainable=FULL_PARAMS, peak_mb=peak)
+    for seed, score in enumerate([0.85, 0.87]):
+        write_run(results, "sst2", "lora", seed, score, trainable=LORA_PARAMS)
+    write_run(results, "sst2", "vera", 0, 0.80, trainable=VERA_PARAMS)
+    write_run(results, "sst2", "vera", 1, trainable=VERA_PARAMS, error=DIVERGED)
+    write_run(results, "imdb", "full", 0, 0.91, trainable=FULL_PARAMS, commit="def456")
+    write_run(results, "imdb", "lora", 0, 0.88, trainable=LORA_PARAMS, commit="def456")
+    write_run(results, "imdb", "vera", 0, trainable=VERA_PARAMS, error=OOM, commit="def456")
+    return results
+
+
+@pytest.fixture(scope="module")
+def summary(results):
+    return aggregate.summarize(aggregate.tidy(aggregate.load_runs(results)))
+
+
+def cell(summary, task, variant, column):
+    return summary.set_index(["task", "variant"]).loc[(task, variant), column]
+
+
+def test_load_runs_flattens_one_row_per_run(results):
+    runs = aggregate.load_runs(results)
+    assert len(runs) == 10
+    assert list(runs.columns[: len(aggregate.RUN_COLUMNS)]) == aggregate.RUN_COLUMNS
+    assert list(runs[["task", "variant", "seed"]].head(3).itertuples(index=False, name=None)) == [
+        ("imdb", "full", 0),
+        ("imdb", "lora", 0),
+        ("imdb", "vera", 0),
+    ]
+    row = runs[(runs["task"] == "sst2") & (runs["variant"] == "lora")].iloc[0]
+    assert row["hp_target_modules"] == '["query", "value"]'
+    assert row["adapter_mb"] == 4.0
+    assert row["pkg_torch"] == "2.13.0"
+    assert row["metric_f1"] == pytest.approx(0.84)
+    failed = runs[runs["status"] == "failed"].set_index("task")
+    assert failed.loc["sst2", "error"] == "DivergedError: loss is nan (step 37)"
+    assert math.isnan(failed.loc["sst2", "primary_value"])
+
+
+def test_tidy_has_one_row_per_run_and_task_metric(results):
+    long = aggregate.tidy(aggregate.load_runs(results))
+    assert len(long) == 7 * 2 + 3 * 1  # sst2 reports accuracy and f1, imdb accuracy
+    failed = long[long["status"] == "failed"]
+    assert sorted(failed["metric"]) == ["accuracy", "accuracy", "f1"]
+    assert failed["value"].isna().all()
+
+
+def test_summary_cells_match_hand_computation(summary):
+    assert list(summary.columns) == aggregate.SUMMARY_COLUMNS
+    assert len(summary) == 6
+    assert cell(summary, "sst2", "full", "n_seeds") == 3
+    assert cell(summary, "sst2", "full", "score_mean") == pytest.approx(0.92)
+    assert cell(summary, "sst2", "full", "score_std") == pytest.approx(0.02)
+    assert cell(summary, "sst2", "full", "score_ci95_t") == pytest.approx(T_975[2] * 0.02 / math.sqrt(3))
+    assert cell(summary, "sst2", "full", "peak_memory_mb") == pytest.approx(1000.0)
+    assert cell(summary, "sst2", "lora", "score_std") == pytest.approx(math.sqrt(2) * 0.01)
+    assert cell(summary, "sst2", "lora", "score_ci95_t") == pytest.approx(T_975[1] * 0.01)
+    assert cell(summary, "sst2", "lora", "adapter_mb") == 4.0
+    assert (cell(summary, "sst2", "vera", "n_seeds"), cell(summary, "sst2", "vera", "n_failed")) == (1, 1)
+    assert cell(summary, "sst2", "vera", "score_mean") == pytest.approx(0.80)
+    assert math.isnan(cell(summary, "sst2", "vera", "score_ci95_t"))
+    assert (cell(summary, "imdb", "vera", "n_seeds"), cell(summary, "imdb", "vera", "n_failed")) == (0, 1)
+    assert cell(summary, "imdb", "vera", "primary_metric") == "accuracy"
+
+
+def test_summarize_gives_the_same_from_runs_or_tidy(results, summary):
+    pd.testing.assert_frame_equal(aggregate.summarize(aggregate.load_runs(results)), summary)
+
+
+def test_write_tables_writes_every_format(results):
+    aggregate.main([str(results)])
+    tables = results / "tables"
+    assert len(pd.read_parquet(tables / "runs.parquet")) == len(pd.read_csv(tables / "runs.csv")) == 17
+    assert (tables / "summary.md").read_text().startswith("| task | variant | setting |")
+    assert r"\toprule" in (tables / "summary.tex").read_text()
+
+
+def test_empty_results_give_empty_tables_with_headers(tmp_path):
+    long, summary = aggregate.write_tables(tmp_path)
+    assert long.empty and summary.empty
+    assert list(pd.read_csv(tmp_path / "tables" / "summary.csv").columns) == aggregate.SUMMARY_COLUMNS
+    assert "metric" in pd.read_csv(tmp_path / "tables" / "runs.csv").columns
+    assert "No run records" in report.build_report(tmp_path).read_text()
+    assert (tmp_path / "figures" / "score_vs_params.png").exists()
+
+
+def test_score_vs_params_labels_axes_and_one_entry_per_variant(summary, tmp_path):
+    figure = plots.score_vs_params(summary, tmp_path / "score")
+    assert (tmp_path / "score.png").stat().st_size > 0 and (tmp_path / "score.pdf").stat().st_size > 0
+    imdb, sst2 = figure.axes
+    assert (imdb.get_title(), sst2.get_title()) == ("imdb\n(no successful run: vera)", "sst2")
+    assert sst2.get_xlabel() == "trainable parameters (count, log scale)"
+    assert sst2.get_ylabel() == "dev accuracy" and sst2.get_xscale() == "log"
+    assert len(sst2.containers) == 3 and len(imdb.containers) == 2  # imdb's vera only failed
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["full", "lora", "vera"]
+
+
+def test_variant_style_is_stable_and_distinct():
+    known = [plots.variant_style(name) for name in aggregate.VARIANT_ORDER]
+    assert len(set(known)) == len(known)
+    assert plots.variant_style("my_method") == plots.variant_style("my_method")
+    assert plots.variant_style("my_method") not in known
+    colors = [color for color, _ in known]
+    assert len(set(colors)) == len(colors) and colors[0] == plots.FULL_STYLE[0]
+
+
+def test_report_lists_tables_environment_findings_and_failures(results):
+    text = report.build_report(results).read_text()
+    assert "| variant | score mean ± std (n) | trainable params |" in text
+    assert "| full | 0.9200 ± 0.0200 (3) | 23,000,000 |" in text
+    assert "| vera | 0.8000 (1), 1 failed |" in text
+    assert "![Score vs trainable parameters](figures/score_vs_params.png)" in text
+    assert "more than one commit" in text and "abc123 (7 runs), def456 (3 runs)" in text
+    assert "the best dev accuracy is full's 0.9200 (n=3)" in text
+    assert "lora reaches 93.5% of its score with 1.3% of its trainable parameters" in text
+    assert "| sst2 | vera | default | 1 | DivergedError: loss is nan (step 37) |" in text
+    assert "OutOfMemoryError: CUDA out of memory (step 0)" in text
+
+    (results / "report.md").unlink()
+    report.main([str(results), "--no-rebuild"])
+    assert (results / "report.md").read_text() == text

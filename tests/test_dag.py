@@ -1,0 +1,81 @@
+"""The Snakemake DAG end to end on the smoke study, in a temporary folder."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorabench import records, study
+from lorabench.run import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_lint_is_clean():
+    result = subprocess.run([*SNAKEMAKE, "--lint"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_every_config_expands():
+    for name in ("config.yaml", "smoke.yaml"):
+        config = yaml.safe_load((ROOT / "config" / name).read_text())
+        runs = study.expand(config)
+        assert {run.variant for run in runs} == set(config["variants"])
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    config["hparams"]["variant"]["lora"]["rnak"] = 4
+    with pytest.raises(ConfigError, match=r"setting 'default', task 'sst2', variant 'lora'.*rnak"):
+        study.expand(config)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "hparams": {"all": {"lr": -1}}}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "bad.yaml"))
+    assert result.returncode != 0 and "lr" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_smoke_dag_end_to_end(tmp_path):
+    config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    config["settings"]["diverges"] = {"variants": ["full"], "hparams": {"lr": 1.0e30, "max_steps": 3}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--configfile", str(tmp_path / "study.yaml"), "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    results = tmp_path / "results"
+    stored = records.read_all(results)
+    assert sorted((r["run"]["variant"], r["run"]["setting"], r["status"]) for r in stored) == [
+        ("full", "default", "ok"), ("full", "diverges", "failed"), ("lora", "default", "ok")]
+    report = (results / "report.md").read_text()
+    assert "figures/score_vs_params.png" in report and (results / "figures" / "score_vs_params.png").stat().st_size > 0
+    assert "lora" in report and "full" in report and "DivergedError" in report
+    assert (results / "benchmarks" / "train" / "sst2" / "lora" / "default" / "seed0.tsv").exists()
+    assert (results / "logs" / "train" / "sst2" / "lora" / "default" / "seed0.log").exists()
+
+    nothing_to_do = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "study.yaml"))
+    assert "Nothing to be done" in nothing_to_do.stdout + nothing_to_do.stderr
+
+    # Editing analysis code reruns the analysis, and no training job.
+    plots = ROOT / "analysis" / "plots.py"
+    before = plots.stat()
+    os.utime(plots, (before.st_atime, time.time() + 5))
+    try:
+        dry = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "study.yaml"))
+    finally:
+        os.utime(plots, (before.st_atime, before.st_mtime))
+    jobs = dry.stdout + dry.stderr
+    assert "rule plots" in jobs and "rule report" in jobs and "rule train" not in jobs, jobs
+
+    # An interrupted run leaves no record: Snakemake reruns exactly the missing one.
+    (results / "runs" / "sst2" / "lora" / "default" / "seed0.json").unlink()
+    dry = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "study.yaml"))
+    assert "rule train" in dry.stdout and "seed0" in dry.stdout

@@ -1,0 +1,112 @@
+"""One run = one process = one record: config checks, failures, atomic records, determinism."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorabench import records, run
+from lorabench.run import ConfigError, parse_sets, resolve_hparams
+
+from tests.helpers import tiny_sst2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_resolve_and_layer():
+    hparams = resolve_hparams("sst2", "lora", {"rank": 4, "lr": 2e-3})
+    assert (hparams["rank"], hparams["lr"], hparams["model"], hparams["targets"]) == (4, 2e-3, "minilm", "all-linear")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"rnak": 4}, r"unknown hyper-parameter\(s\) \['rnak'\].*known: .*rank"),
+     ({"lr": -1.0}, "lr=-1.0 must be > 0"),
+     ({"rank": 0}, "rank must be a positive integer"),
+     ({"rank": 2.5}, "rank=2.5 must be an integer"),
+     ({"save_adapter": "yes"}, "must be true or false"),
+     ({"warmup_ratio": 1.5}, r"warmup_ratio=1.5 must be in \[0, 1\)"),
+     ({"targets": "some"}, "targets='some'"),
+     ({"lr": float("nan")}, "finite")],
+)
+def test_bad_hyper_parameters_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_hparams("sst2", "lora", overrides)
+
+
+def test_full_has_no_rank():
+    with pytest.raises(ConfigError, match="unknown hyper-parameter"):
+        resolve_hparams("sst2", "full", {"rank": 8})
+
+
+def test_set_values_parse_like_yaml():
+    assert parse_sets(["lr=1e-3", "rank=8", "save_adapter=false", "targets=[query, value]", "model=minilm"]) == {
+        "lr": 1e-3, "rank": 8, "save_adapter": False, "targets": ["query", "value"], "model": "minilm"}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_sets(["lr"])
+
+
+def test_records_are_atomic_and_validated(tmp_path):
+    path = tmp_path / "r.json"
+    with pytest.raises(ValueError, match="status"):
+        records.write_atomic(path, {**records.new_record(minimal_run(), {}), "status": "running"})
+    assert not path.exists() and not list(tmp_path.iterdir())
+    failed = {**records.new_record(minimal_run(), {}), "status": "failed", "error": {"type": "X", "message": "m", "step": 1}}
+    records.write_atomic(path, failed)
+    assert records.read(path)["status"] == "failed"
+    path.write_text('{"schema_version": 1, "status": "ok"')
+    with pytest.raises(ValueError, match="not valid JSON.*rerun"):
+        records.read(path)
+
+
+def minimal_run():
+    return {"task": "t", "variant": "v", "setting": "s", "model": "m", "seed": 0, "hparams": {}, "config_hash": "x"}
+
+
+def tiny_data(tmp_path):
+    return tiny_sst2(tmp_path / "data")
+
+
+SMALL = {"max_steps": 4, "batch_size": 8, "timing_warmup_steps": 1, "log_every": 1, "threads": 1}
+
+
+def test_run_writes_record_and_adapter(tmp_path):
+    out = tmp_path / "seed0.json"
+    record = run.execute("sst2", "lora", 0, "default", {**SMALL, "data_dir": str(tiny_data(tmp_path))}, out)
+    stored = records.read(out)
+    assert stored == json.loads(json.dumps(record))
+    assert stored["status"] == "ok" and stored["eval"]["primary"] == "accuracy" and stored["eval"]["n"] == 8
+    assert stored["params"]["adapter_bytes"] == Path(stored["params"]["adapter_path"]).stat().st_size
+    assert 0 < stored["params"]["trainable"] < stored["params"]["total"]
+    assert stored["train"]["timed_steps"] == 3 and stored["train"]["tokens_per_s"] > 0
+    assert stored["meta"]["packages"]["torch"] and {"git_commit", "git_dirty", "device", "threads"} <= set(stored["meta"])
+
+
+def test_same_seed_same_metrics(tmp_path):
+    data = str(tiny_data(tmp_path))
+    first = run.execute("sst2", "lora", 3, "default", {**SMALL, "data_dir": data, "save_adapter": False}, tmp_path / "a.json")
+    second = run.execute("sst2", "lora", 3, "default", {**SMALL, "data_dir": data, "save_adapter": False}, tmp_path / "b.json")
+    assert first["eval"]["metrics"] == second["eval"]["metrics"]
+    assert first["train"]["loss_curve"] == second["train"]["loss_curve"]
+
+
+def test_diverging_run_writes_failed_record(tmp_path):
+    out = tmp_path / "seed0.json"
+    record = run.execute("sst2", "full", 0, "default", {**SMALL, "lr": 1e30, "data_dir": str(tiny_data(tmp_path))}, out)
+    assert record["status"] == "failed" and record["error"]["type"] == "DivergedError"
+    assert "lower lr" in records.read(out)["error"]["message"]
+
+
+def test_cli_input_errors_exit_2_without_record(tmp_path):
+    env = {**os.environ, "LORABENCH_DATA": str(tiny_data(tmp_path))}
+    for args, message in ((["--variant", "nope"], "known variants: full, lora"),
+                          (["--variant", "lora", "--set", "rank=1000"], "rank=1000 is larger than layer"),
+                          (["--variant", "lora", "--set", "lr=-1"], "lr=-1.0 must be > 0")):
+        result = subprocess.run([sys.executable, "-m", "lorabench.run", "--task", "sst2", *args, "--results", str(tmp_path / "r")],
+                                capture_output=True, text=True, cwd=ROOT, env=env)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,122 @@
+"""Fine-tuning variants: the contract every method file follows, and its automatic discovery.
+
+A variant is one module in this package (``variants/<name>.py``). It never replaces modules:
+the engine (``lorabench.adapters``) registers the tensors the variant asks for, named
+``lora_*``, on each targeted ``nn.Linear`` and a forward hook that calls the variant's
+``forward(layer, x, y)`` to return the layer's new output.
+
+Required module attributes
+    ``name``               the registry key (the file name, by convention)
+    ``Config``             a dataclass derived from ``VariantConfig``
+    ``IDENTITY_AT_INIT``   True when the hooked model equals the base model at step 0
+    ``TEST_CONFIG``        overrides the contract tests use on their tiny model
+    ``param_specs(d_in, d_out, cfg) -> dict[str, ParamSpec]``   tensors added to each layer
+    ``forward(layer, x, y) -> Tensor``   the layer's output; ``y`` is the base output ``W x + b``
+    ``trainable_count(layer_shapes, cfg) -> int``   the docstring's formula, written out
+        independently of ``param_specs`` so the contract tests can hold one against the other
+
+Optional
+    ``TRAINS_BASE = True``         the base weights are trained too (full fine-tuning)
+    ``init(layer, cfg)``           data-dependent initialisation after the tensors exist
+    ``group_init(model, layers, cfg)``   parameters shared across layers
+    ``delta_weight(layer) -> Tensor``    the dense update dW (d_out x d_in) for merge/export
+    ``param_groups(model, lr, cfg) -> list[dict]``   optimizer groups (learning-rate ratios)
+    ``on_step(model, step)``       called after every optimizer step
+
+Adding a variant: copy ``_template.py`` to ``<name>.py`` and fill it in. Nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+REQUIRED = ("name", "Config", "IDENTITY_AT_INIT", "TEST_CONFIG", "param_specs", "forward", "trainable_count")
+
+
+@dataclass
+class VariantConfig:
+    """Knobs every adapter-style variant shares; variants subclass this with their own."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class ParamSpec:
+    """One tensor a variant adds to a layer: its shape, how to fill it, and whether it trains.
+
+    Frozen tensors are registered as buffers, so they are saved with the adapter but never
+    reach the optimizer.
+    """
+
+    shape: tuple[int, ...]
+    init: Callable[[torch.Tensor], Any]
+    trainable: bool = True
+
+
+def zeros(tensor: torch.Tensor) -> None:
+    torch.nn.init.zeros_(tensor)
+
+
+def kaiming_uniform(tensor: torch.Tensor) -> None:
+    """nn.Linear's own default initialisation, which LoRA uses for A (as PEFT does)."""
+    torch.nn.init.kaiming_uniform_(tensor, a=5**0.5)
+
+
+class UnknownVariantError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _discover() -> dict[str, ModuleType]:
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        missing = [attribute for attribute in REQUIRED if not hasattr(module, attribute)]
+        if missing:
+            raise TypeError(f"variants/{info.name}.py lacks {missing}; see variants/_template.py")
+        if module.name in found:
+            raise TypeError(f"variants/{info.name}.py: the name {module.name!r} is taken already")
+        found[module.name] = module
+    return dict(sorted(found.items()))
+
+
+REGISTRY: dict[str, ModuleType] = _discover()
+
+
+def get(name: str) -> ModuleType:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownVariantError(f"unknown variant {name!r}; known variants: {', '.join(REGISTRY)}") from None
+
+
+def config_fields(variant: ModuleType) -> dict[str, Any]:
+    """Default values of a variant's config, by field name."""
+    return {field.name: getattr(variant.Config(), field.name) for field in dataclasses.fields(variant.Config)}
+
+
+def make_config(variant: ModuleType, values: dict[str, Any]) -> VariantConfig:
+    """Build a variant's config from a flat dict, ignoring keys that belong to the engine."""
+    known = config_fields(variant)
+    cfg = variant.Config(**{key: value for key, value in values.items() if key in known})
+    if isinstance(cfg, VariantConfig):
+        if not isinstance(cfg.rank, int) or cfg.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {cfg.rank!r} (set rank=8, say)")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout!r}")
+    return cfg

@@ -1,0 +1,38 @@
+"""Full fine-tuning: every weight of the pretrained model is trained.
+
+The reference every parameter-efficient method is measured against (Howard & Ruder 2018,
+arXiv:1801.06146; Devlin et al. 2019, arXiv:1810.04805 for the encoder setting).
+
+Formula
+    W <- W - lr * AdamW(grad W) for every W; no adapter tensors, no hooks.
+
+Claims
+    - The model is unchanged at step 0 (IDENTITY_AT_INIT).
+    - Trainable parameters: all of the model's (TRAINS_BASE), so trainable_count adds none.
+    - Its "adapter" on disk is the trained weights themselves; merging is a no-op.
+    - It is the variant parasitic extraction piggy-backs on (DESIGN.md).
+"""
+
+from dataclasses import dataclass
+
+name = "full"
+IDENTITY_AT_INIT = True
+TRAINS_BASE = True
+TEST_CONFIG = {}
+
+
+@dataclass
+class Config:
+    pass
+
+
+def param_specs(d_in, d_out, cfg):
+    return {}
+
+
+def forward(layer, x, y):
+    return y
+
+
+def trainable_count(layer_shapes, cfg):
+    return 0

@@ -1,0 +1,52 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models.
+
+Hu, Shen, Wallis, Allen-Zhu, Li, Wang, Wang, Chen (2021), arXiv:2106.09685.
+
+Formula
+    y = W x + b + (alpha / r) * B A dropout(x)
+    A in R^{r x d_in}, Kaiming-uniform init (as PEFT); B in R^{d_out x r}, zero init.
+
+Claims
+    - B = 0 at init, so the model is unchanged at step 0 (IDENTITY_AT_INIT).
+    - The update dW = (alpha / r) B A merges into W at no inference cost.
+    - Trainable parameters per adapted layer: r (d_in + d_out).
+
+Defaults: r = 8, alpha = 16, dropout 0 (Hu et al. use alpha = r or 2r; PEFT's examples 16/8).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from variants import ParamSpec, VariantConfig, kaiming_uniform, zeros
+
+name = "lora"
+IDENTITY_AT_INIT = True
+TEST_CONFIG = {"rank": 4, "alpha": 8.0}
+
+
+@dataclass
+class Config(VariantConfig):
+    pass
+
+
+def param_specs(d_in, d_out, cfg):
+    return {
+        "lora_A": ParamSpec((cfg.rank, d_in), kaiming_uniform),
+        "lora_B": ParamSpec((d_out, cfg.rank), zeros),
+    }
+
+
+def forward(layer, x, y):
+    cfg = layer.lora_config
+    x = F.dropout(x, cfg.dropout, layer.training)
+    return y + (x @ layer.lora_A.T @ layer.lora_B.T) * cfg.scaling
+
+
+def delta_weight(layer):
+    return (layer.lora_B @ layer.lora_A) * layer.lora_config.scaling
+
+
+def trainable_count(layer_shapes, cfg):
+    return sum(cfg.rank * (d_in + d_out) for d_in, d_out in layer_shapes)
