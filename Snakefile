@@ -7,6 +7,8 @@
 Threads, memory and GPUs per job come from the profile; the study (what to run) from config.
 """
 
+import os
+
 from snakemake.utils import min_version, validate
 
 from lorabench import study
@@ -26,6 +28,7 @@ RESULTS = config["results"]
 RUNS = {run.key: run for run in study.expand(config)}
 RECORDS = [run.record(RESULTS) for run in RUNS.values()]
 ROOT = workflow.basedir
+ENV = f"{ROOT}/workflow/envs/lorabench.yaml"
 ANALYSIS = [f"{ROOT}/analysis/__init__.py", f"{ROOT}/analysis/aggregate.py"]
 TABLES = [f"{RESULTS}/tables/{name}" for name in ("runs.parquet", "runs.csv", "summary.csv", "summary.md", "summary.tex")]
 
@@ -53,6 +56,8 @@ rule train:
     params:
         sets=lambda wildcards: RUNS[(wildcards.task, wildcards.variant, wildcards.setting, int(wildcards.seed))].cli_sets(),
     threads: workflow.cores
+    conda:
+        ENV
     resources:
         mem_mb=4000,
         runtime=60,
@@ -72,8 +77,12 @@ rule aggregate:
         TABLES,
     log:
         f"{RESULTS}/logs/aggregate.log",
+    params:
+        results=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),
+    conda:
+        ENV
     shell:
-        "python -m analysis.aggregate {RESULTS} > {log} 2>&1"
+        "python -m analysis.aggregate {params.results} > {log} 2>&1"
 
 
 rule plots:
@@ -89,8 +98,12 @@ rule plots:
         pdf=f"{RESULTS}/figures/score_vs_params.pdf",
     log:
         f"{RESULTS}/logs/plots.log",
+    params:
+        results=lambda wildcards, input: os.path.dirname(os.path.dirname(input.tables[0])),
+    conda:
+        ENV
     shell:
-        "python -m analysis.plots {RESULTS} > {log} 2>&1"
+        "python -m analysis.plots {params.results} > {log} 2>&1"
 
 
 rule report:
@@ -102,5 +115,9 @@ rule report:
         f"{RESULTS}/report.md",
     log:
         f"{RESULTS}/logs/report.log",
+    params:
+        results=lambda wildcards, output: os.path.dirname(output[0]),
+    conda:
+        ENV
     shell:
-        "python -m analysis.report {RESULTS} --no-rebuild > {log} 2>&1"
+        "python -m analysis.report {params.results} --no-rebuild > {log} 2>&1"

@@ -50,6 +50,8 @@ def task_heads(model: nn.Module) -> list[str]:
 def find_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Linear]:
     """Linear layers to adapt: ``"all-linear"`` (every one outside the task and LM heads) or a
     list of name suffixes (``["query", "value"]`` matches ``...attention.self.query``)."""
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]
     excluded = tuple(task_heads(model)) + ("lm_head",)
     found = {}
     for module_name, module in model.named_modules():
@@ -66,31 +68,48 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Lin
 
 
 def attach(model: nn.Module, variant: ModuleType, cfg: Any, targets: str | list[str] = "all-linear") -> Attachment:
-    """Freeze the base (unless the variant trains it), add the variant's tensors and hooks."""
+    """Freeze the base (unless the variant trains it), add the variant's tensors and hooks.
+
+    Everything that can be checked is checked before the model changes; if a variant's own
+    initialisation fails midway, the model is restored, so a failed attach changes nothing.
+    """
     if hasattr(model, "lorabench_attachment"):
         raise AdapterError("the model already has an adapter attached; detach() or merge() it first")
     trains_base = getattr(variant, "TRAINS_BASE", False)
-    for parameter in model.parameters():
-        parameter.requires_grad_(trains_base)
-    heads = task_heads(model)
-    for head in heads:
-        getattr(model, head).requires_grad_(True)
-
     layers = {} if trains_base and not variant.param_specs(1, 1, cfg) else find_targets(model, targets)
-    attachment = Attachment(variant, cfg, layers, heads)
     for layer_name, layer in layers.items():
-        _add_tensors(layer_name, layer, variant, cfg)
-    if hasattr(variant, "group_init"):
-        variant.group_init(model, layers, cfg)
-    for layer in layers.values():
-        if hasattr(variant, "init"):
-            variant.init(layer, cfg)
-        attachment.hooks.append(layer.register_forward_hook(_hook(variant)))
+        _check_layer(layer_name, layer, variant, cfg)
+
+    attachment = Attachment(variant, cfg, layers, task_heads(model))
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.lorabench_attachment = attachment
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(trains_base)
+        for head in attachment.heads:
+            getattr(model, head).requires_grad_(True)
+        for layer in layers.values():
+            _add_tensors(layer, variant, cfg)
+        if hasattr(variant, "group_init"):
+            variant.group_init(model, layers, cfg)
+        for layer in layers.values():
+            if hasattr(variant, "init"):
+                variant.init(layer, cfg)
+            attachment.hooks.append(layer.register_forward_hook(_hook(variant), with_kwargs=True))
+    except BaseException:
+        _undo(model, requires_grad)
+        raise
     return attachment
 
 
-def _add_tensors(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
+def _undo(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Detach, and give every base parameter back the requires_grad it had before attach."""
+    detach(model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad[name])
+
+
+def _check_layer(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
     d_out, d_in = layer.weight.shape
     rank = getattr(cfg, "rank", None)
     if rank is not None and rank > min(d_in, d_out):
@@ -98,10 +117,16 @@ def _add_tensors(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: An
             f"rank={rank} is larger than layer {layer_name} ({d_out} x {d_in}) allows; "
             f"set rank <= {min(d_in, d_out)} or narrow 'targets'"
         )
+    bad = [key for key in variant.param_specs(d_in, d_out, cfg) if not key.startswith("lora_")]
+    if bad:
+        raise AdapterError(f"variants/{variant.name}.py: tensors {bad} must be named lora_*")
+
+
+def _add_tensors(layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
+    d_out, d_in = layer.weight.shape
     dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
+    layer.lora_config = cfg
     for key, spec in variant.param_specs(d_in, d_out, cfg).items():
-        if not key.startswith("lora_"):
-            raise AdapterError(f"variants/{variant.name}.py: tensor {key!r} must be named lora_*")
         tensor = torch.empty(spec.shape, dtype=dtype, device=layer.weight.device)
         with torch.no_grad():
             spec.init(tensor)
@@ -109,12 +134,11 @@ def _add_tensors(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: An
             layer.register_parameter(key, nn.Parameter(tensor))
         else:
             layer.register_buffer(key, tensor)
-    layer.lora_config = cfg
 
 
 def _hook(variant: ModuleType):
-    def hook(layer, args, output):
-        return variant.forward(layer, args[0], output)
+    def hook(layer, args, kwargs, output):
+        return variant.forward(layer, args[0] if args else kwargs["input"], output)
 
     return hook
 
@@ -134,7 +158,7 @@ def detach(model: nn.Module) -> nn.Module:
     for layer in attachment.layers.values():
         for key in [k for k in list(layer._parameters) + list(layer._buffers) if k.startswith("lora_")]:
             delattr(layer, key)
-        del layer.lora_config
+        layer.__dict__.pop("lora_config", None)
     del model.lorabench_attachment
     return model
 
@@ -203,28 +227,41 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load(model: nn.Module, path: str | Path) -> Attachment:
-    """Attach the adapter stored at ``path`` to a freshly loaded base ``model``."""
+    """Attach the adapter stored at ``path`` to a freshly loaded base ``model``.
+
+    The file is read and checked against the model before anything is copied; a bad file
+    raises ``AdapterError`` naming it and leaves the model as it was.
+    """
     metadata = read_metadata(path)
-    variant = variants.get(metadata["variant"])
-    cfg = variant.Config(**json.loads(metadata["config"]))
-    targets = json.loads(metadata["targets"])
-    layers = {name: module for name, module in model.named_modules() if name in set(targets)}
-    missing_layers = sorted(set(targets) - set(layers))
+    try:
+        variant = variants.get(metadata["variant"])
+        cfg = variant.Config(**json.loads(metadata["config"]))
+        targets = json.loads(metadata["targets"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterError(f"{path}: bad adapter metadata ({error})") from error
+    missing_layers = sorted(set(targets) - {name for name, _ in model.named_modules()})
     if missing_layers:
-        raise AdapterError(f"{path}: the model has no layers {missing_layers[:3]}...; was it trained on another model?")
-    attachment = attach(model, variant, cfg, targets=targets)
-    expected = adapter_state(model)
+        raise AdapterError(f"{path}: the model has no layers {missing_layers[:3]}; was the adapter trained on another model?")
     try:
         with safe_open(str(path), framework="pt") as handle:
             stored = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{path}: corrupt adapter file ({error})") from error
-    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise AdapterError(f"{path}: adapter tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    with torch.no_grad():
+
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    attachment = attach(model, variant, cfg, targets=targets or "all-linear")
+    try:
+        expected = adapter_state(model)
+        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        if missing or unexpected:
+            raise AdapterError(f"{path}: adapter tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         for key, tensor in expected.items():
             if tensor.shape != stored[key].shape:
                 raise AdapterError(f"{path}: tensor {key} has shape {tuple(stored[key].shape)}, the model needs {tuple(tensor.shape)}")
+    except AdapterError:
+        _undo(model, requires_grad)
+        raise
+    with torch.no_grad():
+        for key, tensor in expected.items():
             tensor.copy_(stored[key])
     return attachment

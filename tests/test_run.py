@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,16 @@ def test_cli_input_errors_exit_2_without_record(tmp_path):
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_killed_run_leaves_no_record(tmp_path):
+    env = {**os.environ, "LORABENCH_DATA": str(tiny_data(tmp_path))}
+    out = tmp_path / "r" / "seed0.json"
+    command = [sys.executable, "-m", "lorabench.run", "--task", "sst2", "--variant", "lora", "--out", str(out),
+               "--set", "max_steps=100000", "batch_size=2", "threads=1"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    while "sst2/lora" not in process.stderr.readline():  # the progress bar: training has begun
+        assert process.poll() is None, "the run ended before training started"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.parent.exists() or not list(out.parent.iterdir())

@@ -1,0 +1,238 @@
+"""The adapter engine's file format and its errors: safetensors only, every failure names the file."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import variants
+from lorabench import adapters
+from tests.conftest import build_model, make_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+lora = variants.get("lora")
+
+
+def lora_config(**overrides):
+    return variants.make_config(lora, {"rank": 4, "alpha": 8.0, **overrides})
+
+
+def trained_lora(family="bert", targets="all-linear"):
+    """An attached LoRA whose B and head are no longer at their initial values."""
+    model = build_model(family)
+    attachment = adapters.attach(model, lora, lora_config(), targets)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in attachment.layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+        for head in attachment.heads:
+            for parameter in getattr(model, head).parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def logits(model):
+    batch = make_batch()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def in_message(path) -> str:
+    return re.escape(str(path))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = trained_lora()
+    return model, adapters.save(model, tmp_path / "adapter.safetensors")
+
+
+# --- round trip and format -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_round_trip_restores_tensors_and_outputs(family, tmp_path):
+    model = trained_lora(family, targets=["query", "value"] if family == "bert" else ["q_proj", "v_proj"])
+    path = adapters.save(model, tmp_path / "sub" / "adapter.safetensors", extra_metadata={"run_id": "abc"})
+    fresh = build_model(family)
+    attachment = adapters.load(fresh, path)
+    assert list(attachment.layers) == list(adapters.attachment_of(model).layers)
+    before, after = adapters.adapter_state(model), adapters.adapter_state(fresh)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert torch.equal(logits(fresh), logits(model))
+    metadata = adapters.read_metadata(path)
+    assert metadata["variant"] == "lora" and metadata["run_id"] == "abc"
+    assert json.loads(metadata["config"]) == {"rank": 4, "alpha": 8.0, "dropout": 0.0}
+    assert not list(tmp_path.glob("sub/.*.tmp")), "the temporary file was left behind"
+
+
+def test_saved_file_is_plain_safetensors_without_pickle(saved):
+    model, path = saved
+    data = path.read_bytes()
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_size])
+    metadata = header.pop("__metadata__")
+    assert metadata["format"] == "lorabench-adapter"
+    assert set(header) == set(adapters.adapter_state(model))
+    # The tensors' byte ranges cover the rest of the file exactly: there is nothing else in it.
+    assert max(entry["data_offsets"][1] for entry in header.values()) == len(data) - 8 - header_size
+    assert b"torch._utils" not in data and b"\x80\x02" not in data[:2]
+    assert all(key.startswith(("bert.", "classifier.")) for key in header)
+    assert all("lora_" in key or key.startswith("classifier.") for key in header)
+
+
+# --- bad files: each raises AdapterError naming the path -----------------------------------
+
+
+def test_garbage_bytes_are_rejected(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"this is not a safetensors file at all \x00\x01\x02" * 10)
+    with pytest.raises(adapters.AdapterError, match=in_message(path)):
+        adapters.load(build_model("bert"), path)
+
+
+def test_a_pickle_is_rejected(tmp_path):
+    path = tmp_path / "adapter.bin"
+    torch.save({"x": torch.zeros(2)}, path)
+    with pytest.raises(adapters.AdapterError, match=in_message(path)):
+        adapters.load(build_model("bert"), path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_a_truncated_file_is_rejected(saved, tmp_path, keep):
+    _, path = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(adapters.AdapterError, match=in_message(truncated)):
+        adapters.load(build_model("bert"), truncated)
+
+
+def test_a_missing_file_is_rejected(tmp_path):
+    path = tmp_path / "nowhere.safetensors"
+    with pytest.raises(adapters.AdapterError, match=in_message(path)):
+        adapters.load(build_model("bert"), path)
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}, {"format": "lorabench-adapter", "format_version": "0"}])
+def test_safetensors_without_lorabench_metadata_is_rejected(tmp_path, metadata):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"classifier.weight": torch.zeros(2, 32)}, path, metadata=metadata)
+    with pytest.raises(adapters.AdapterError, match=in_message(path)):
+        adapters.load(build_model("bert"), path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"hidden_size": 48, "intermediate_size": 96}, "has shape"), ({"num_labels": 3}, "classifier.weight has shape"),
+     ({"num_hidden_layers": 1}, "has no layers")],
+    ids=["wider", "other-head", "shallower"],
+)
+def test_adapter_for_another_model_shape_is_rejected(saved, overrides, message):
+    _, path = saved
+    with pytest.raises(adapters.AdapterError, match=rf"{in_message(path)}.*{message}"):
+        adapters.load(build_model("bert", **overrides), path)
+
+
+def test_adapter_for_another_architecture_is_rejected(saved):
+    _, path = saved
+    with pytest.raises(adapters.AdapterError, match=rf"{in_message(path)}.*has no layers"):
+        adapters.load(build_model("llama"), path)
+
+
+def test_tensor_missing_from_the_file_is_rejected(saved, tmp_path):
+    model, path = saved
+    state = {key: tensor.contiguous() for key, tensor in adapters.adapter_state(model).items()}
+    dropped = next(iter(state))
+    del state[dropped]
+    partial = tmp_path / "partial.safetensors"
+    save_file(state, partial, metadata=adapters.read_metadata(path))
+    with pytest.raises(adapters.AdapterError, match=rf"{in_message(partial)}.*missing \[{re.escape(repr(dropped))}"):
+        adapters.load(build_model("bert"), partial)
+
+
+def test_a_failed_load_leaves_the_model_untouched(saved):
+    _, path = saved
+    model = build_model("bert", num_labels=3)
+    base = logits(model)
+    with pytest.raises(adapters.AdapterError):
+        adapters.load(model, path)
+    assert not hasattr(model, "lorabench_attachment")
+    assert not [name for name in model.state_dict() if "lora_" in name]
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    assert torch.equal(logits(model), base)
+
+
+@pytest.mark.parametrize("metadata", [{"variant": "no_such_variant", "config": "{}", "targets": "[]"}, {"variant": "lora"}])
+def test_bad_metadata_is_an_adapter_error(tmp_path, metadata):
+    path = tmp_path / "bad-metadata.safetensors"
+    save_file({"x": torch.zeros(1)}, path, metadata={"format": "lorabench-adapter", "format_version": "1", **metadata})
+    with pytest.raises(adapters.AdapterError, match=in_message(path)):
+        adapters.load(build_model("bert"), path)
+
+
+# --- attach and targets --------------------------------------------------------------------
+
+
+def test_a_failed_attach_leaves_the_model_untouched():
+    model = build_model("llama")  # q_proj is 32 x 32, k_proj 16 x 32: rank 20 fits the first, not the second
+    with pytest.raises(adapters.AdapterError, match=r"model\.layers\.0\.self_attn\.k_proj"):
+        adapters.attach(model, lora, lora_config(rank=20))
+    assert not [name for name in model.state_dict() if "lora_" in name]
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    adapters.attach(model, lora, lora_config(rank=8))
+
+
+def test_attaching_twice_raises():
+    model = build_model("bert")
+    adapters.attach(model, lora, lora_config())
+    with pytest.raises(adapters.AdapterError, match="already has an adapter"):
+        adapters.attach(model, lora, lora_config())
+    adapters.detach(model)
+    adapters.attach(model, lora, lora_config())  # after detach it is allowed again
+
+
+def test_operations_without_an_adapter_raise():
+    model = build_model("bert")
+    for operation in (adapters.detach, adapters.merge, adapters.adapter_state):
+        with pytest.raises(adapters.AdapterError, match="no adapter is attached"):
+            operation(model)
+
+
+def test_find_targets_by_suffix_picks_exactly_those():
+    model = build_model("bert")
+    found = adapters.find_targets(model, ["query", "value"])
+    assert list(found) == [f"bert.encoder.layer.{i}.attention.self.{kind}" for i in range(2) for kind in ("query", "value")]
+    assert all(isinstance(layer, torch.nn.Linear) for layer in found.values())
+    # A suffix matches whole name components only: "dense" is not "output.dense"'s "put.dense".
+    assert set(adapters.find_targets(model, ["output.dense"])) == {
+        name
+        for i in range(2)
+        for name in (f"bert.encoder.layer.{i}.attention.output.dense", f"bert.encoder.layer.{i}.output.dense")
+    }
+    with pytest.raises(adapters.AdapterError):
+        adapters.find_targets(model, ["put.dense"])
+
+
+def test_find_targets_all_linear_excludes_the_heads():
+    for family, head in (("bert", "classifier"), ("llama", "score")):
+        found = adapters.find_targets(build_model(family), "all-linear")
+        assert found and not any(name.split(".")[0] == head for name in found)
+
+
+def test_unknown_target_raises_naming_the_targets():
+    message = r"\['nope', 'nada'\].*matches no linear layer of BertForSequenceClassification"
+    with pytest.raises(adapters.AdapterError, match=message):
+        adapters.find_targets(build_model("bert"), ["nope", "nada"])
+
+
+def test_the_head_is_never_a_target():
+    with pytest.raises(adapters.AdapterError, match="classifier"):
+        adapters.find_targets(build_model("bert"), ["classifier"])
