@@ -34,6 +34,7 @@ import yaml
 import tasks
 import variants
 from lorabench import adapters, measure, models, records
+from lorabench.registry import UnknownNameError
 from lorabench.train import DivergedError, TrainConfig, evaluate, train
 
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else records.record_path(args.results, args.task, args.variant, args.setting, args.seed)
     try:
         record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out)
-    except (ConfigError, tasks.DataError, adapters.AdapterError, variants.UnknownVariantError, tasks.UnknownTaskError, FileNotFoundError) as error:
+    except (ConfigError, tasks.DataError, adapters.AdapterError, UnknownNameError, FileNotFoundError) as error:
         print(f"lorabench.run: error: {error}", file=sys.stderr)
         return 2
     summary = f"{record['status']}: {args.task}/{args.variant} seed {args.seed}"

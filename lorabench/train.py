@@ -167,7 +167,7 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             loss_curve.append([step, round(step_loss, 6)])
-            progress.set_postfix(loss=f"{step_loss:.4f}")
+            progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
         if cfg.eval_every and val_examples and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             throughput.pause()
             score = evaluate(model, val_examples, task, pad_id, cfg.eval_batch_size, device)[task.primary]

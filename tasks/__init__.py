@@ -11,14 +11,14 @@ given (``data_dir``, or the ``LORABENCH_DATA`` environment variable), else the H
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import datasets
+
+from lorabench.registry import lookup, public_modules
 
 KINDS = ("classification", "regression", "generation", "language_modeling")
 DATA_SOURCES = ("auto", "hub", "local")
@@ -77,21 +77,14 @@ class Task:
         return [{**{key: encoded[key][i] for key in keys}, "labels": labels[i]} for i in range(len(dataset))]
 
 
-class UnknownTaskError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
 def _discover() -> dict[str, Task]:
     found = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_"):
-            continue
-        for task in getattr(importlib.import_module(f"{__name__}.{info.name}"), "TASKS", []):
+    for stem, module in public_modules(__name__, __path__):
+        for task in getattr(module, "TASKS", []):
             if task.name in found:
-                raise TypeError(f"tasks/{info.name}.py: task name {task.name!r} is taken already")
+                raise TypeError(f"tasks/{stem}.py: task name {task.name!r} is taken already")
             if task.kind not in KINDS:
-                raise TypeError(f"tasks/{info.name}.py: task {task.name!r} has kind {task.kind!r}, not one of {KINDS}")
+                raise TypeError(f"tasks/{stem}.py: task {task.name!r} has kind {task.kind!r}, not one of {KINDS}")
             found[task.name] = task
     return dict(sorted(found.items()))
 
@@ -100,7 +93,4 @@ REGISTRY: dict[str, Task] = _discover()
 
 
 def get(name: str) -> Task:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(REGISTRY)}") from None
+    return lookup(REGISTRY, name, "task")

@@ -4,12 +4,13 @@ import datasets
 import pytest
 
 import tasks
+from lorabench.registry import UnknownNameError
 from tasks import DataError
 from tests.helpers import minilm_tokenizer, shared_data, write_sst2
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(tasks.UnknownTaskError, match="known tasks: .*sst2"):
+    with pytest.raises(UnknownNameError, match="known tasks: .*sst2"):
         tasks.get("sst3")
 
 

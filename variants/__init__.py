@@ -29,13 +29,13 @@ Adding a variant: copy ``_template.py`` to ``<name>.py`` and fill it in. Nothing
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
 
 import torch
+
+from lorabench.registry import lookup, public_modules
 
 REQUIRED = ("name", "Config", "IDENTITY_AT_INIT", "TEST_CONFIG", "param_specs", "forward", "trainable_count")
 
@@ -75,22 +75,14 @@ def kaiming_uniform(tensor: torch.Tensor) -> None:
     torch.nn.init.kaiming_uniform_(tensor, a=5**0.5)
 
 
-class UnknownVariantError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
 def _discover() -> dict[str, ModuleType]:
     found = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
+    for stem, module in public_modules(__name__, __path__):
         missing = [attribute for attribute in REQUIRED if not hasattr(module, attribute)]
         if missing:
-            raise TypeError(f"variants/{info.name}.py lacks {missing}; see variants/_template.py")
+            raise TypeError(f"variants/{stem}.py lacks {missing}; see variants/_template.py")
         if module.name in found:
-            raise TypeError(f"variants/{info.name}.py: the name {module.name!r} is taken already")
+            raise TypeError(f"variants/{stem}.py: the name {module.name!r} is taken already")
         found[module.name] = module
     return dict(sorted(found.items()))
 
@@ -99,10 +91,7 @@ REGISTRY: dict[str, ModuleType] = _discover()
 
 
 def get(name: str) -> ModuleType:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise UnknownVariantError(f"unknown variant {name!r}; known variants: {', '.join(REGISTRY)}") from None
+    return lookup(REGISTRY, name, "variant")
 
 
 def config_fields(variant: ModuleType) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def forward(layer, x, y):
     # x: the layer's input (..., d_in); y: the base output W x + b (..., d_out).
     # layer.lora_config is this variant's Config; layer.weight is the frozen W.
     cfg = layer.lora_config
-    x = F.dropout(x, cfg.dropout, layer.training)
+    if cfg.dropout:
+        x = F.dropout(x, cfg.dropout, layer.training)
     return y + (x @ layer.lora_A.T @ layer.lora_B.T) * cfg.scaling
 
 

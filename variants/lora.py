@@ -40,7 +40,8 @@ def param_specs(d_in, d_out, cfg):
 
 def forward(layer, x, y):
     cfg = layer.lora_config
-    x = F.dropout(x, cfg.dropout, layer.training)
+    if cfg.dropout:
+        x = F.dropout(x, cfg.dropout, layer.training)
     return y + (x @ layer.lora_A.T @ layer.lora_B.T) * cfg.scaling
 
 
