@@ -63,15 +63,13 @@ def score_vs_params(summary: pd.DataFrame, out_stem: str | os.PathLike | None = 
     ncols = max(1, min(len(tasks), 3))
     nrows = max(1, math.ceil(len(tasks) / ncols))
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        figure = Figure(figsize=(4.2 * ncols + 1.8, 3.6 * nrows), layout="constrained")
+        figure = Figure(figsize=(max(4.8 * ncols, 6.4), 3.6 * nrows + 1.2), layout="constrained")
         axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, task in zip(axes, tasks or ["no runs yet"]):
             _draw_task(ax, task, summary[summary["task"] == task])
         for ax in axes[max(len(tasks), 1) :]:
             ax.remove()
-        figure.suptitle(
-            "Score vs trainable parameters\nmean over seeds; error bars: 95% Student-t interval; dashed line: full fine-tuning"
-        )
+        figure.suptitle("Score vs trainable parameters (dashed: full fine-tuning)")
         handles = {}
         for ax in figure.axes:
             for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -79,7 +77,7 @@ def score_vs_params(summary: pd.DataFrame, out_stem: str | os.PathLike | None = 
         if handles:
             order = variant_order(summary["variant"])
             labels = sorted(handles, key=lambda label: (order.index(label.split(" [")[0]), label))
-            figure.legend([handles[label] for label in labels], labels, loc="outside right upper", title="variant")
+            figure.legend([handles[label] for label in labels], labels, loc="outside lower center", ncols=min(len(labels), 5), title="variant (mean over seeds; error bars: 95% t interval)")
     if out_stem is not None:
         save(figure, out_stem)
     return figure
