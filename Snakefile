@@ -1,19 +1,29 @@
 """lorabench: train every variant on every task, then tables, figures and a report.
 
-    snakemake --profile profiles/default                        # default study
-    snakemake --profile profiles/default --configfile config/smoke.yaml
-    snakemake --profile profiles/default --forcerun aggregate   # rebuild analysis only
+    snakemake                                   # default study (profiles/default applies itself)
+    snakemake --configfile config/smoke.yaml    # another study instead of the default one
+    snakemake --forcerun aggregate              # rebuild tables, figures and report only
 
 Threads, memory and GPUs per job come from the profile; the study (what to run) from config.
 """
 
 import os
+import sys
 
 from snakemake.utils import min_version, validate
 
 from lorabench import study
 
 min_version("9.0")
+
+
+envvars:
+    "PATH",
+
+
+# Jobs run the Python that runs Snakemake (say .venv/bin/python), whether or not it is activated.
+search_path = os.environ["PATH"]
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), search_path])
 
 
 # --configfile replaces the default study instead of being merged into it.

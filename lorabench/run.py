@@ -52,6 +52,22 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "threads": 0,
 }
+ENGINE_HELP = {
+    "model": "a named model (lorabench.models.MODELS), a Hub id or a checkpoint folder; default per task family",
+    "model_source": "auto | hub | package: where a named model's weights come from",
+    "data_dir": "folder with local data copies; default: $LORABENCH_DATA",
+    "data_source": "auto | hub | local (auto: local when a data folder is given)",
+    "data_seed": "seed of the train/validation/eval subsampling",
+    "train_size": "training examples used (0: all left after val_size)",
+    "val_size": "examples carved out of train for periodic evaluation (eval_every)",
+    "eval_size": "examples of the reported split scored (0: all)",
+    "targets": "all-linear, or a list of layer-name suffixes such as [query, value]",
+    "device": "auto | cpu | cuda | cuda:N",
+    "threads": "torch CPU threads (0: torch's default)",
+    "eval_every": "steps between validation evaluations (0: none)",
+    "timing_warmup_steps": "first steps left out of tokens/s",
+    "bucket_batches": "batches per length-sorted bucket (0: no length bucketing)",
+}
 DEFAULT_MODEL = {"encoder": "minilm"}
 MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter")
 POSITIVE = ("lr", "batch_size", "grad_accum", "max_steps", "max_length", "eval_batch_size", "log_every")
@@ -250,6 +266,19 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     return record
 
 
+def hyper_parameter_help() -> str:
+    """The --set keys and their defaults, as --help shows them."""
+    train_defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    lines = ["hyper-parameters (--set KEY=VALUE) and their defaults:"]
+    for key, value in {**ENGINE_DEFAULTS, **train_defaults}.items():
+        lines.append(f"  {key}={value}".ljust(28) + ENGINE_HELP.get(key, ""))
+    for name, variant in variants.REGISTRY.items():
+        fields = variants.config_fields(variant)
+        if fields:
+            lines.append(f"  variant {name}: " + " ".join(f"{key}={value}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
 def parse_sets(items: list[str]) -> dict[str, Any]:
     overrides = {}
     for item in items:
@@ -261,7 +290,8 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lorabench.run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lorabench.run", description=__doc__.split("\n\n")[0],
+                                     epilog=hyper_parameter_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(tasks.REGISTRY)}")
     parser.add_argument("--variant", required=True, help=f"one of: {', '.join(variants.REGISTRY)}")
     parser.add_argument("--seed", type=int, default=0)
