@@ -73,7 +73,7 @@ MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter")
 POSITIVE = ("lr", "batch_size", "grad_accum", "max_steps", "max_length", "eval_batch_size", "log_every")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "eval_every", "timing_warmup_steps", "bucket_batches",
                 "train_size", "val_size", "eval_size", "threads", "data_seed")
-PACKAGES = ("torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
+PACKAGES = ("lorabench", "torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
 
 
 class ConfigError(ValueError):
@@ -190,7 +190,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         pass
     return {
-        "lorabench_version": versions.get("lorabench") or _own_version(),
+        "lorabench_version": versions["lorabench"],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
@@ -201,13 +201,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "git_dirty": dirty,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _own_version() -> str | None:
-    try:
-        return importlib.metadata.version("lorabench")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def seed_everything(seed: int) -> None:
