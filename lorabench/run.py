@@ -233,6 +233,8 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None}
     record["run"]["data"] = {name: len(rows) for name, rows in encoded.items()}
 
+    print(f"lorabench: training {task_name}/{variant_name} seed {seed}: {len(encoded['train'])} examples, "
+          f"{train_cfg.max_steps} steps, {record['params']['trainable']:,} trainable parameters", file=sys.stderr, flush=True)
     measure.reset_peak_memory(device)
     started = time.perf_counter()
     try:

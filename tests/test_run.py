@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,8 +120,10 @@ def test_killed_run_leaves_no_record(tmp_path):
     command = [sys.executable, "-m", "lorabench.run", "--task", "sst2", "--variant", "lora", "--out", str(out),
                "--set", "max_steps=100000", "batch_size=2", "threads=1"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    while "sst2/lora" not in process.stderr.readline():  # the progress bar: training has begun
+    while "lorabench: training" not in process.stderr.readline():
         assert process.poll() is None, "the run ended before training started"
+    time.sleep(1)  # a few steps in
+    assert process.poll() is None
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not out.parent.exists() or not list(out.parent.iterdir())
