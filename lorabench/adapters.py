@@ -41,6 +41,7 @@ class Attachment:
     layers: dict[str, nn.Linear]
     heads: list[str]
     hooks: list[Any] = field(default_factory=list)
+    shared: nn.Module | None = None
 
 
 def task_heads(model: nn.Module) -> list[str]:
@@ -91,7 +92,8 @@ def attach(model: nn.Module, variant: ModuleType, cfg: Any, targets: str | list[
         for layer in layers.values():
             _add_tensors(layer, variant, cfg)
         if hasattr(variant, "group_init"):
-            variant.group_init(model, layers, cfg)
+            attachment.shared = _shared_container(model, layers)
+            variant.group_init(attachment.shared, layers, cfg)
         for layer in layers.values():
             if hasattr(variant, "init"):
                 variant.init(layer, cfg)
@@ -103,10 +105,20 @@ def attach(model: nn.Module, variant: ModuleType, cfg: Any, targets: str | list[
 
 
 def _undo(model: nn.Module, requires_grad: dict[str, bool]) -> None:
-    """Detach, and give every base parameter back the requires_grad it had before attach."""
-    detach(model)
+    """Remove a failed or refused attachment and give back every requires_grad flag."""
+    _remove(model, attachment_of(model))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(requires_grad[name])
+
+
+def _shared_container(model: nn.Module, layers: dict[str, nn.Linear]) -> nn.Module:
+    """One module, ``model.lora_shared``, holds tensors shared by all adapted layers, so each is
+    stored, moved and optimised once; every layer reaches it as ``layer.lora_shared``."""
+    shared = nn.Module()
+    model.lora_shared = shared
+    for layer in layers.values():
+        layer.__dict__["lora_shared"] = shared  # a reference, not a second registration
+    return shared
 
 
 def _check_layer(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
@@ -133,7 +145,7 @@ def _add_tensors(layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
         if spec.trainable:
             layer.register_parameter(key, nn.Parameter(tensor))
         else:
-            layer.register_buffer(key, tensor)
+            layer.register_buffer(key, tensor, persistent=spec.persistent)
 
 
 def _hook(variant: ModuleType):
@@ -151,16 +163,12 @@ def attachment_of(model: nn.Module) -> Attachment:
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Remove hooks and adapter tensors, leaving the (possibly merged) base model."""
+    """Remove hooks and adapter tensors, giving back the base model as it was before attach."""
     attachment = attachment_of(model)
-    for handle in attachment.hooks:
-        handle.remove()
-    for layer in attachment.layers.values():
-        for key in [k for k in list(layer._parameters) + list(layer._buffers) if k.startswith("lora_")]:
-            delattr(layer, key)
-        layer.__dict__.pop("lora_config", None)
-    del model.lorabench_attachment
-    return model
+    if hasattr(attachment.variant, "restore"):
+        for layer in attachment.layers.values():
+            attachment.variant.restore(layer)
+    return _remove(model, attachment)
 
 
 @torch.no_grad()
@@ -170,8 +178,24 @@ def merge(model: nn.Module) -> nn.Module:
     if attachment.layers and not hasattr(attachment.variant, "delta_weight"):
         raise AdapterError(f"variant {attachment.variant.name!r} defines no delta_weight(), so it cannot be merged")
     for layer in attachment.layers.values():
+        if hasattr(attachment.variant, "restore"):
+            attachment.variant.restore(layer)
         layer.weight += attachment.variant.delta_weight(layer).to(layer.weight.dtype)
-    return detach(model)
+    return _remove(model, attachment)
+
+
+def _remove(model: nn.Module, attachment: Attachment) -> nn.Module:
+    for handle in attachment.hooks:
+        handle.remove()
+    for layer in attachment.layers.values():
+        for key in [k for k in list(layer._parameters) + list(layer._buffers) if k.startswith("lora_")]:
+            delattr(layer, key)
+        layer.__dict__.pop("lora_config", None)
+        layer.__dict__.pop("lora_shared", None)
+    if attachment.shared is not None:
+        del model.lora_shared
+    del model.lorabench_attachment
+    return model
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -180,10 +204,13 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(attachment.variant, "TRAINS_BASE", False):
         return {name: p.detach() for name, p in model.named_parameters()}
     state = {}
-    for layer_name, layer in attachment.layers.items():
-        for key, tensor in list(layer.named_parameters(recurse=False)) + list(layer.named_buffers(recurse=False)):
+    owners = dict(attachment.layers)
+    if attachment.shared is not None:
+        owners["lora_shared"] = attachment.shared
+    for owner_name, owner in owners.items():
+        for key, tensor in owner.state_dict(keep_vars=True).items():
             if key.startswith("lora_"):
-                state[f"{layer_name}.{key}"] = tensor.detach()
+                state[f"{owner_name}.{key}"] = tensor.detach()
     for head in attachment.heads:
         for key, tensor in getattr(model, head).state_dict().items():
             state[f"{head}.{key}"] = tensor.detach()

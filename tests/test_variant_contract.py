@@ -44,9 +44,15 @@ def logits(model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def train(model, variant, cfg, batch, steps: int, lr: float = 1e-2) -> list[float]:
+def contract_lr(variant) -> float:
+    """20x the variant's recommended learning rate: a tiny model, a few steps, one batch."""
+    recommended = getattr(variant, "TRAIN_DEFAULTS", {}).get("lr", TrainConfig.lr)
+    return 20 * recommended
+
+
+def train(model, variant, cfg, batch, steps: int) -> list[float]:
     """Plain AdamW steps on the fixed batch through the project's own optimizer factory."""
-    optimizer = make_optimizer(model, variant, cfg, TrainConfig(lr=lr))
+    optimizer = make_optimizer(model, variant, cfg, TrainConfig(lr=contract_lr(variant)))
     losses = []
     for step in range(1, steps + 1):
         loss = model(**batch).loss

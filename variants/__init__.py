@@ -17,8 +17,12 @@ Required module attributes
 
 Optional
     ``TRAINS_BASE = True``         the base weights are trained too (full fine-tuning)
+    ``TRAIN_DEFAULTS``             recommended training hyper-parameters (e.g. ``{"lr": 4e-3}``),
+        with their source in the docstring; a study config still overrides them
     ``init(layer, cfg)``           data-dependent initialisation after the tensors exist
-    ``group_init(model, layers, cfg)``   parameters shared across layers
+    ``group_init(shared, layers, cfg)``  tensors shared across layers: register them on the
+        module ``shared`` (``model.lora_shared``); layers reach it as ``layer.lora_shared``
+    ``restore(layer)``             undo what ``init`` did to the base weight (detach, merge)
     ``delta_weight(layer) -> Tensor``    the dense update dW (d_out x d_in) for merge/export
     ``param_groups(model, lr, cfg) -> list[dict]``   optimizer groups (learning-rate ratios)
     ``on_step(model, step)``       called after every optimizer step
@@ -57,13 +61,14 @@ class VariantConfig:
 class ParamSpec:
     """One tensor a variant adds to a layer: its shape, how to fill it, and whether it trains.
 
-    Frozen tensors are registered as buffers, so they are saved with the adapter but never
-    reach the optimizer.
+    Frozen tensors are registered as buffers, so they never reach the optimizer; they are saved
+    with the adapter unless ``persistent=False`` (tensors regenerated from a seed at load).
     """
 
     shape: tuple[int, ...]
     init: Callable[[torch.Tensor], Any]
     trainable: bool = True
+    persistent: bool = True
 
 
 def zeros(tensor: torch.Tensor) -> None:
