@@ -217,19 +217,27 @@ def test_detach_restores_the_base_model(variant, make_model, batch):
         assert torch.equal(logits(model, batch), before)
         return
     # The base weights were frozen, so detaching gives the base model back with the trained head.
+    same = restored_equal(variant)
     for name, tensor in base.state_dict().items():
         if not is_head(name):
-            assert torch.equal(model.state_dict()[name], tensor), f"frozen {name} changed"
+            assert same(model.state_dict()[name], tensor), f"frozen {name} changed"
     for head in adapters.task_heads(base):
         getattr(base, head).load_state_dict(getattr(model, head).state_dict())
-    assert torch.equal(logits(model, batch), logits(base, batch))
+    assert same(logits(model, batch), logits(base, batch))
 
 
 def test_detach_right_after_attach_gives_identical_outputs(variant, make_model, batch):
     base = logits(make_model(), batch)
     model = attached(make_model, variant)
     adapters.detach(model)
-    assert torch.equal(logits(model, batch), base)
+    assert restored_equal(variant)(logits(model, batch), base)
+
+
+def restored_equal(variant):
+    """Bit for bit, unless the variant declares it rewrote W and rebuilds it up to rounding."""
+    if getattr(variant, "RESTORES_BASE_EXACTLY", True):
+        return torch.equal
+    return lambda restored, original: torch.allclose(restored, original, atol=1e-5, rtol=0)
 
 
 # --- discovery ------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ Optional
     ``init(layer, cfg)``           data-dependent initialisation after the tensors exist
     ``group_init(shared, layers, cfg)``  tensors shared across layers: register them on the
         module ``shared`` (``model.lora_shared``); layers reach it as ``layer.lora_shared``
-    ``restore(layer)``             undo what ``init`` did to the base weight (detach, merge)
+    ``restore(layer)``             undo what ``init`` did to the base weight (detach, merge);
+        ``RESTORES_BASE_EXACTLY = False`` says it does so only up to float rounding
     ``delta_weight(layer) -> Tensor``    the dense update dW (d_out x d_in) for merge/export
     ``param_groups(model, lr, cfg) -> list[dict]``   optimizer groups (learning-rate ratios)
     ``on_step(model, step)``       called after every optimizer step
