@@ -37,3 +37,13 @@ def minilm_tokenizer():
     from lorabench import models
 
     return AutoTokenizer.from_pretrained(models.locate("minilm", "package"))
+
+
+def same_loss_then_backward(ours, theirs, batch, atol: float = 1e-6) -> None:
+    """Our model and PEFT's give the same loss on ``batch``; both then backpropagate it."""
+    import torch
+
+    ours_loss, theirs_loss = ours(**batch).loss, theirs(**batch).loss
+    torch.testing.assert_close(ours_loss, theirs_loss, atol=atol, rtol=0)
+    ours_loss.backward()
+    theirs_loss.backward()

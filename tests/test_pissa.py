@@ -10,6 +10,7 @@ import torch
 import variants
 from lorabench import adapters
 from tests.conftest import build_model, make_batch
+from tests.helpers import same_loss_then_backward
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
@@ -27,12 +28,18 @@ def attach_pissa(model, **overrides):
     return adapters.attach(model, pissa, cfg)
 
 
-def test_residual_and_principal_part_equal_peft(family):
+def both_from_one_base(family):
+    """(base, ours, our attachment, PEFT's PiSSA model) built from the same base weights."""
     base = build_model(family)
     ours = copy.deepcopy(base)
     attachment = attach_pissa(ours)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
                                                             target_modules=list(attachment.layers), task_type=TaskType.SEQ_CLS))
+    return base, ours, attachment, theirs
+
+
+def test_residual_and_principal_part_equal_peft(family):
+    base, ours, attachment, theirs = both_from_one_base(family)
     for name, layer in attachment.layers.items():
         module = theirs.base_model.model.get_submodule(name)
         principal = layer.lora_config.scaling * layer.lora_B @ layer.lora_A
@@ -44,22 +51,14 @@ def test_residual_and_principal_part_equal_peft(family):
 
 
 def test_gradients_equal_peft_from_the_same_factors(family):
-    base = build_model(family)
-    ours = copy.deepcopy(base)
-    attachment = attach_pissa(ours)
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
-                                                            target_modules=list(attachment.layers), task_type=TaskType.SEQ_CLS))
+    _, ours, attachment, theirs = both_from_one_base(family)
     with torch.no_grad():
         for name, layer in attachment.layers.items():
             module = theirs.base_model.model.get_submodule(name)
             module.base_layer.weight.copy_(layer.weight)
             module.lora_A["default"].weight.copy_(layer.lora_A)
             module.lora_B["default"].weight.copy_(layer.lora_B)
-    batch = make_batch()
-    ours_loss, theirs_loss = ours(**batch).loss, theirs(**batch).loss
-    torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-6, rtol=0)
-    ours_loss.backward()
-    theirs_loss.backward()
+    same_loss_then_backward(ours, theirs, make_batch())
     for name, layer in attachment.layers.items():
         module = theirs.base_model.model.get_submodule(name)
         torch.testing.assert_close(layer.lora_A.grad, module.lora_A["default"].weight.grad, atol=1e-6, rtol=0)

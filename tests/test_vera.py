@@ -12,6 +12,7 @@ from safetensors import safe_open
 import variants
 from lorabench import adapters
 from tests.conftest import build_model, make_batch
+from tests.helpers import same_loss_then_backward
 
 peft = pytest.importorskip("peft")
 from peft import TaskType, VeraConfig, get_peft_model  # noqa: E402
@@ -54,11 +55,7 @@ def test_projections_are_peft_s_from_the_same_seed(family):
 
 def test_outputs_gradients_and_delta_equal_peft(family):
     ours, theirs, attachment = wrap_both(family)
-    batch = make_batch()
-    ours_loss, theirs_loss = ours(**batch).loss, theirs(**batch).loss
-    torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-6, rtol=0)
-    ours_loss.backward()
-    theirs_loss.backward()
+    same_loss_then_backward(ours, theirs, make_batch())
     for name, layer in attachment.layers.items():
         module = theirs.base_model.model.get_submodule(name)
         for ours_key, theirs_key in (("lora_lambda_b", "vera_lambda_b"), ("lora_lambda_d", "vera_lambda_d")):
