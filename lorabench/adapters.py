@@ -122,7 +122,7 @@ def _shared_container(model: nn.Module, layers: dict[str, nn.Linear]) -> nn.Modu
 
 
 def _check_layer(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
-    d_out, d_in = layer.weight.shape
+    d_out, d_in = layer.out_features, layer.in_features
     rank = getattr(cfg, "rank", None)
     if rank is not None and rank > min(d_in, d_out):
         raise AdapterError(
@@ -135,7 +135,7 @@ def _check_layer(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: An
 
 
 def _add_tensors(layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
-    d_out, d_in = layer.weight.shape
+    d_out, d_in = layer.out_features, layer.in_features  # a quantized weight is stored packed
     dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
     layer.lora_config = cfg
     for key, spec in variant.param_specs(d_in, d_out, cfg).items():
@@ -291,4 +291,7 @@ def load(model: nn.Module, path: str | Path) -> Attachment:
     with torch.no_grad():
         for key, tensor in expected.items():
             tensor.copy_(stored[key])
+        if hasattr(variant, "after_load"):
+            for layer in attachment.layers.values():
+                variant.after_load(layer)
     return attachment

@@ -83,16 +83,28 @@ def collate(examples: list[dict], pad_id: int, device: torch.device) -> dict[str
 
 
 def make_optimizer(model: nn.Module, variant, variant_cfg, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters. A variant's own groups (e.g. LoRA+'s learning-rate
-    ratio) come first; the rest decay weight on matrices only, not on biases and norms."""
+    """AdamW over trainable parameters. A variant's own groups (LoRA+'s learning-rate ratio)
+    come first; every group decays weight on matrices only, not on biases, norms and vectors."""
     groups = variant.param_groups(model, cfg.lr, variant_cfg) if hasattr(variant, "param_groups") else []
     grouped = {id(p) for group in groups for p in group["params"]}
-    rest = [p for _, p in trainable_parameters(model) if id(p) not in grouped]
-    groups += [
-        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([group for group in groups if group["params"]], lr=cfg.lr)
+    groups.append({"params": [p for _, p in trainable_parameters(model) if id(p) not in grouped]})
+    split = []
+    for group in groups:
+        for decays in (True, False):
+            params = [p for p in group["params"] if (p.ndim >= 2) == decays]
+            if params:
+                split.append({**group, "params": params, "weight_decay": cfg.weight_decay if decays else 0.0})
+    return torch.optim.AdamW(split, lr=cfg.lr)
+
+
+def training_loss(model: nn.Module, variant, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what to minimise, the task loss): the task loss plus the variant's regulariser, if it
+    has one (AdaLoRA's orthogonality penalty). Curves log the task loss alone, comparable
+    across variants."""
+    task_loss = model(**batch).loss
+    if hasattr(variant, "loss_penalty"):
+        return task_loss + variant.loss_penalty(model), task_loss
+    return task_loss, task_loss
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -148,9 +160,9 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
         step_loss = step_samples = step_tokens = 0
         for _ in range(cfg.grad_accum):
             batch = collate(next(batches), pad_id, device)
-            loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
-            step_loss += loss.item()
+            loss, task_loss = training_loss(model, variant, batch)
+            (loss / cfg.grad_accum).backward()
+            step_loss += task_loss.item() / cfg.grad_accum
             step_samples += batch["input_ids"].shape[0]
             step_tokens += int(batch["attention_mask"].sum())
         if not math.isfinite(step_loss):
@@ -158,9 +170,9 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
         torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
         optimizer.step()
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
         if hasattr(variant, "on_step"):
-            variant.on_step(model, step)
+            variant.on_step(model, step, cfg.max_steps)
+        optimizer.zero_grad(set_to_none=True)
         throughput.step_done(step_samples, step_tokens)
         samples_seen += step_samples
         tokens_seen += step_tokens

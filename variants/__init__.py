@@ -22,11 +22,20 @@ Optional
     ``init(layer, cfg)``           data-dependent initialisation after the tensors exist
     ``group_init(shared, layers, cfg)``  tensors shared across layers: register them on the
         module ``shared`` (``model.lora_shared``); layers reach it as ``layer.lora_shared``
-    ``restore(layer)``             undo what ``init`` did to the base weight (detach, merge);
-        ``RESTORES_BASE_EXACTLY = False`` says it does so only up to float rounding
-    ``delta_weight(layer) -> Tensor``    the dense update dW (d_out x d_in) for merge/export
-    ``param_groups(model, lr, cfg) -> list[dict]``   optimizer groups (learning-rate ratios)
-    ``on_step(model, step)``       called after every optimizer step
+    ``restore(layer)``             undo what ``init`` or training did to the base weight (detach,
+        merge); ``RESTORES_BASE_EXACTLY = False`` says it does so only up to float rounding
+    ``after_load(layer)``          rebuild what the stored tensors imply once ``adapters.load`` has
+        copied them in (Delta-LoRA's base update); ``RELOADS_EXACTLY = False`` says the rebuilt
+        model equals the trained one only up to float rounding
+    ``delta_weight(layer) -> Tensor``    the dense update dW (d_out x d_in) for merge/export,
+        relative to the base weight as loaded (before ``init``)
+    ``param_groups(model, lr, cfg) -> list[dict]``   optimizer groups, each ``{"params", "lr"}``
+        (LoRA+'s learning-rate ratio); the engine adds weight decay to every group alike
+    ``loss_penalty(model) -> Tensor``    a regulariser added to the training loss (AdaLoRA)
+    ``on_step(model, step, max_steps)``  called after every optimizer step, before gradients are
+        cleared (Delta-LoRA's weight update, AdaLoRA's rank budget, which reads the gradients)
+    ``QUANTIZABLE_BASE = False``   the method reads or writes W, so ``quantize_base`` (QLoRA's
+        4-/8-bit frozen base) is refused for it; the docstring says why
 
 Adding a variant: copy ``_template.py`` to ``<name>.py`` and fill it in. Nothing else.
 """

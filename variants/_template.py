@@ -70,6 +70,7 @@ def trainable_count(layer_shapes, cfg):
     return sum(cfg.rank * (d_in + d_out) for d_in, d_out in layer_shapes)
 
 
-# Optional hooks (delete the ones you do not need; see variants/__init__.py):
-# init(layer, cfg), group_init(model, layers, cfg), param_groups(model, lr, cfg),
-# on_step(model, step), TRAINS_BASE = True.
+# Optional hooks (see variants/__init__.py for what each does and when it is called):
+# init(layer, cfg), group_init(shared, layers, cfg), restore(layer), after_load(layer),
+# param_groups(model, lr, cfg), loss_penalty(model), on_step(model, step, max_steps),
+# TRAIN_DEFAULTS, TRAINS_BASE, RESTORES_BASE_EXACTLY, RELOADS_EXACTLY, QUANTIZABLE_BASE.
