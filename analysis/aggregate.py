@@ -43,6 +43,7 @@ BYTES_PER_MB = 2**20
 RUN_FIELDS = ["task", "variant", "setting", "seed", "model", "config_hash"]
 TRAIN_FIELDS = [
     "steps", "samples", "tokens", "wall_s", "timed_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "peak_memory_kind",
+    "activation_mb",
 ]  # fmt: skip
 META_FIELDS = [
     "device", "threads", "hostname", "python", "platform",
@@ -53,11 +54,11 @@ RUN_COLUMNS = [
     "eval_split", "eval_n", "primary_metric", "primary_value", *META_FIELDS,
 ]  # fmt: skip
 COUNT_COLUMNS = ["seed", "trainable", "total", "steps", "samples", "tokens", "eval_n", "threads"]
-FLOAT_COLUMNS = ["adapter_mb", "wall_s", "timed_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "primary_value"]
+FLOAT_COLUMNS = ["adapter_mb", "wall_s", "timed_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "activation_mb", "primary_value"]
 TIDY_VALUE_COLUMNS = ["metric", "value"]
 
 # Cost columns the summary averages over a group's successful seeds.
-COST_COLUMNS = ["trainable", "total", "adapter_mb", "peak_memory_mb", "tokens_per_s", "samples_per_s", "wall_s"]
+COST_COLUMNS = ["trainable", "total", "adapter_mb", "peak_memory_mb", "activation_mb", "tokens_per_s", "samples_per_s", "wall_s"]
 SUMMARY_COLUMNS = [
     *GROUP_KEY, "primary_metric", "eval_split", "n_seeds", "n_failed",
     "score_mean", "score_std", "score_ci95_t", *COST_COLUMNS, "peak_memory_kind",

@@ -177,6 +177,10 @@ def merge(model: nn.Module) -> nn.Module:
     attachment = attachment_of(model)
     if attachment.layers and not hasattr(attachment.variant, "delta_weight"):
         raise AdapterError(f"variant {attachment.variant.name!r} defines no delta_weight(), so it cannot be merged")
+    quantized = [name for name, layer in attachment.layers.items() if not layer.weight.is_floating_point()]
+    if quantized:
+        raise AdapterError(f"layer {quantized[0]} holds a quantized weight, which a float update cannot be added to; "
+                           "load the adapter onto the unquantized base model and merge there")
     for layer in attachment.layers.values():
         if hasattr(attachment.variant, "restore"):
             attachment.variant.restore(layer)

@@ -66,6 +66,26 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return kilobytes * scale / 2**20, "cpu_peak_rss"
 
 
+def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes autograd keeps from one forward pass for the backward pass: the activation memory
+    a variant costs, exactly and on any device (peak RSS on CPU is too coarse to tell
+    variants apart). Each storage counts once; the model's own weights and buffers, which
+    autograd saves by reference, are not activations and do not count."""
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model(**batch).loss
+    del loss
+    return sum(storages.values())
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

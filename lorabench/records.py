@@ -14,6 +14,7 @@ Layout (``SCHEMA_VERSION`` 1)::
     params          {trainable, total, adapter_bytes, adapter_path}
     train           {steps, samples, tokens, wall_s, timed_s, timed_steps,
                      tokens_per_s, samples_per_s, peak_memory_mb, peak_memory_kind,
+                     activation_mb (autograd's saved tensors for the longest batch),
                      loss_curve[[step, loss]], val_curve[[step, value]]}
     eval            {split, n, metrics{name: value}, primary, primary_value}
     extraction      null | {...}   (parasitic extraction, full fine-tuning only)

@@ -33,9 +33,9 @@ import yaml
 
 import tasks
 import variants
-from lorabench import adapters, measure, models, records
+from lorabench import adapters, measure, models, quantize, records
 from lorabench.registry import UnknownNameError
-from lorabench.train import DivergedError, TrainConfig, evaluate, train
+from lorabench.train import DivergedError, TrainConfig, collate, evaluate, train
 
 ENGINE_DEFAULTS: dict[str, Any] = {
     "model": None,
@@ -48,6 +48,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "eval_size": 0,
     "max_length": 128,
     "targets": "all-linear",
+    "quantize_base": "none",
     "save_adapter": True,
     "device": "auto",
     "threads": 0,
@@ -62,6 +63,7 @@ ENGINE_HELP = {
     "val_size": "examples carved out of train for periodic evaluation (eval_every)",
     "eval_size": "examples of the reported split scored (0: all)",
     "targets": "all-linear, or a list of layer-name suffixes such as [query, value]",
+    "quantize_base": "none | nf4 | int8: the frozen base in bitsandbytes 4-bit NF4 (QLoRA) or 8-bit layers",
     "device": "auto | cpu | cuda | cuda:N",
     "threads": "torch CPU threads (0: torch's default)",
     "eval_every": "steps between validation evaluations (0: none)",
@@ -140,6 +142,11 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
     for key in NON_NEGATIVE:
         if hparams[key] < 0:
             raise ConfigError(f"{key}={hparams[key]} must be >= 0")
+    if hparams["quantize_base"] not in quantize.FORMATS:
+        raise ConfigError(f"quantize_base={hparams['quantize_base']!r}: use one of {', '.join(quantize.FORMATS)}")
+    if hparams["quantize_base"] != "none" and not getattr(variant, "QUANTIZABLE_BASE", True):
+        raise ConfigError(f"quantize_base={hparams['quantize_base']} does not compose with variant {variant_name}: "
+                          f"it reads or writes the base weights (variants/{variant_name}.py); set quantize_base=none")
     if not 0 <= hparams["warmup_ratio"] < 1:
         raise ConfigError(f"warmup_ratio={hparams['warmup_ratio']} must be in [0, 1)")
     try:
@@ -228,6 +235,7 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     splits = split_sizes(task.load(hparams["data_dir"], hparams["data_source"]), hparams)
     model, tokenizer = models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
     model.to(device)
+    quantize.quantize_base(model, hparams["quantize_base"])
     adapters.attach(model, variant, variant_cfg, hparams["targets"])
     encoded = {name: task.encode(tokenizer, split, hparams["max_length"]) for name, split in splits.items()}
     record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None}
@@ -248,6 +256,7 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
         return record
     record["train"]["wall_s"] = time.perf_counter() - started
     record["train"]["peak_memory_mb"], record["train"]["peak_memory_kind"] = measure.peak_memory(device)
+    record["train"]["activation_mb"] = activation_mb(model, encoded["train"], train_cfg.batch_size, tokenizer.pad_token_id, device)
     record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
                       "primary": task.primary, "primary_value": metrics[task.primary]}
     if hparams["save_adapter"]:
@@ -259,6 +268,14 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records.write_atomic(out, record)
     return record
+
+
+def activation_mb(model, examples: list[dict], batch_size: int, pad_id: int, device: torch.device) -> float:
+    """Activation memory of a training step on the longest batch: what the variant itself
+    costs, comparable across devices (CPU peak RSS is too coarse to separate variants)."""
+    longest = sorted(examples, key=lambda example: len(example["input_ids"]))[-batch_size:]
+    model.train()
+    return measure.saved_activation_bytes(model, collate(longest, pad_id, device)) / 2**20
 
 
 def hyper_parameter_help() -> str:
@@ -298,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else records.record_path(args.results, args.task, args.variant, args.setting, args.seed)
     try:
         record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out)
-    except (ConfigError, tasks.DataError, adapters.AdapterError, UnknownNameError, FileNotFoundError) as error:
+    except (ConfigError, tasks.DataError, adapters.AdapterError, quantize.QuantizeError, UnknownNameError, FileNotFoundError) as error:
         print(f"lorabench.run: error: {error}", file=sys.stderr)
         return 2
     summary = f"{record['status']}: {args.task}/{args.variant} seed {args.seed}"

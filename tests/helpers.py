@@ -47,3 +47,46 @@ def same_loss_then_backward(ours, theirs, batch, atol: float = 1e-6) -> None:
     torch.testing.assert_close(ours_loss, theirs_loss, atol=atol, rtol=0)
     ours_loss.backward()
     theirs_loss.backward()
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_targets(peft_model) -> set[str]:
+    """Names (without PEFT's prefix) of the layers PEFT put LoRA on."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name.removeprefix(PEFT_PREFIX) for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def lora_and_peft(family: str, targets, variant, rank: int = 4, alpha: float = 8.0, base=None):
+    """Our ``variant`` (any with LoRA's lora_A / lora_B) and PEFT's LoRA on deep copies of one
+    tiny base model, with equal A and B; B is random so the adapter path is not trivially zero."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    import variants
+    from lorabench import adapters
+    from tests.conftest import build_model
+
+    base = build_model(family) if base is None else base
+    ours = copy.deepcopy(base)
+    cfg = variants.make_config(variant, {"rank": rank, "alpha": alpha, "dropout": 0.0})
+    attachment = adapters.attach(ours, variant, cfg, targets)
+    names = list(attachment.layers)
+    theirs = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, task_type=TaskType.SEQ_CLS),
+    )
+    assert peft_targets(theirs) == set(names)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, layer in attachment.layers.items():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+            module = theirs.base_model.model.get_submodule(name)
+            assert module.scaling["default"] == cfg.scaling
+            module.lora_A["default"].weight.copy_(layer.lora_A)
+            module.lora_B["default"].weight.copy_(layer.lora_B)
+    return ours, theirs, attachment

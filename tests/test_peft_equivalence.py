@@ -15,10 +15,10 @@ import torch
 import variants
 from lorabench import adapters
 from tests.conftest import build_model, make_batch
+from tests.helpers import lora_and_peft, peft_targets
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -26,33 +26,6 @@ pytestmark = [
 ]
 
 lora = variants.get("lora")
-PREFIX = "base_model.model."
-
-
-def peft_targets(peft_model) -> set[str]:
-    return {name.removeprefix(PREFIX) for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
-
-
-def wrap_both(family: str, targets):
-    base = build_model(family)
-    ours = copy.deepcopy(base)
-    cfg = variants.make_config(lora, {"rank": 4, "alpha": 8.0, "dropout": 0.0})
-    attachment = adapters.attach(ours, lora, cfg, targets)
-    names = list(attachment.layers)
-    theirs = get_peft_model(
-        copy.deepcopy(base),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=names, task_type=TaskType.SEQ_CLS),
-    )
-    assert peft_targets(theirs) == set(names)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, layer in attachment.layers.items():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
-            module = theirs.base_model.model.get_submodule(name)
-            assert module.scaling["default"] == cfg.scaling
-            module.lora_A["default"].weight.copy_(layer.lora_A)
-            module.lora_B["default"].weight.copy_(layer.lora_B)
-    return ours, theirs, attachment
 
 
 def head_name(model) -> str:
@@ -66,7 +39,7 @@ def head_name(model) -> str:
     ids=["bert-all-linear", "llama-q_proj,v_proj", "llama-all-linear"],
 )
 def test_lora_equals_peft_outputs_and_gradients(family, targets):
-    ours, theirs, attachment = wrap_both(family, targets)
+    ours, theirs, attachment = lora_and_peft(family, targets, lora)
     batch = make_batch()
     ours_out, theirs_out = ours(**batch), theirs(**batch)
     assert not torch.allclose(ours_out.logits, build_model(family)(**batch).logits, atol=1e-4), "adapter is a no-op"

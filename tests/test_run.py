@@ -104,7 +104,7 @@ def test_diverging_run_writes_failed_record(tmp_path):
 
 def test_cli_input_errors_exit_2_without_record(tmp_path):
     env = {**os.environ, "LORABENCH_DATA": str(tiny_data(tmp_path))}
-    for args, message in ((["--variant", "nope"], "known variants: full, lora"),
+    for args, message in ((["--variant", "nope"], "known variants: "),
                           (["--variant", "lora", "--set", "rank=1000"], "rank=1000 is larger than layer"),
                           (["--variant", "lora", "--set", "lr=-1"], "lr=-1.0 must be > 0")):
         result = subprocess.run([sys.executable, "-m", "lorabench.run", "--task", "sst2", *args, "--results", str(tmp_path / "r")],
@@ -127,3 +127,12 @@ def test_killed_run_leaves_no_record(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not out.parent.exists() or not list(out.parent.iterdir())
+
+
+def test_qlora_preset_runs_on_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    record = run.execute("sst2", "qlora", 0, "default", {**SMALL, "data_dir": str(tiny_data(tmp_path))}, tmp_path / "q.json")
+    assert record["status"] == "ok" and record["run"]["hparams"]["quantize_base"] == "nf4"
+    assert record["params"]["trainable"] == run.execute(
+        "sst2", "lora", 0, "default", {**SMALL, "max_steps": 1, "data_dir": str(tiny_data(tmp_path / "l"))}, tmp_path / "l.json"
+    )["params"]["trainable"]

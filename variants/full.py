@@ -11,6 +11,7 @@ Claims
     - Trainable parameters: all of the model's (TRAINS_BASE), so trainable_count adds none.
     - Its "adapter" on disk is the trained weights themselves; merging is a no-op.
     - It is the variant parasitic extraction piggy-backs on (DESIGN.md).
+    - QUANTIZABLE_BASE is False: quantized weights cannot be trained.
 """
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 name = "full"
 IDENTITY_AT_INIT = True
 TRAINS_BASE = True
+QUANTIZABLE_BASE = False
 TEST_CONFIG = {}
 
 

@@ -25,7 +25,9 @@ Claims
 
 Defaults: r = 8, alpha = 16 as lora; svd_niter = 0 (exact SVD; the matrices of the default
 encoder are small). RESTORES_BASE_EXACTLY is False: detach rebuilds W as W_res + s B_0 A_0,
-equal to the original up to float32 rounding.
+equal to the original up to float32 rounding. QUANTIZABLE_BASE is False: the SVD reads W
+and the residual is written back into it (PiSSA's own 4-bit recipe quantizes W_res, which
+would need a quantizer inside init).
 """
 
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from variants import ParamSpec, VariantConfig, lora, zeros
 name = "pissa"
 IDENTITY_AT_INIT = True
 RESTORES_BASE_EXACTLY = False
+QUANTIZABLE_BASE = False
 TEST_CONFIG = {"rank": 4, "alpha": 8.0}
 SVD_SEED = 0
 SVD_OVERSAMPLE = 10  # extra random directions for randomized SVD (Halko et al. 2011, section 4.2)
