@@ -3,8 +3,9 @@
 Zi, Yang, Cheng, Zhang, Zeng, Feng, Liu (2023), arXiv:2309.02411.
 
 Formula
-    y = W_t x + b + s B A x,   s = alpha / r, A Kaiming-uniform, B zero (as LoRA), no dropout
-    After every optimizer step t past ``start_step`` (the paper's K):
+    y = W_t x + b + s B A x,   W_{t+1} = W_t + lambda s (B_{t+1} A_{t+1} - B_t A_t)
+    s = alpha / r, A Kaiming-uniform, B zero (as LoRA), no dropout. After every optimizer
+    step t past ``start_step`` (the paper's K):
         W_{t+1} = W_t + lambda s (B_{t+1} A_{t+1} - B_t A_t)
     W gets no gradient and no optimizer state: it moves by the delta of the low-rank product.
 

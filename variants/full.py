@@ -1,10 +1,11 @@
 """Full fine-tuning: every weight of the pretrained model is trained.
 
-The reference every parameter-efficient method is measured against (Howard & Ruder 2018,
-arXiv:1801.06146; Devlin et al. 2019, arXiv:1810.04805 for the encoder setting).
+Howard, Ruder (2018), arXiv:1801.06146; for encoders, Devlin et al. (2019), arXiv:1810.04805.
+The reference every parameter-efficient method is measured against.
 
 Formula
-    W <- W - lr * AdamW(grad W) for every W; no adapter tensors, no hooks.
+    y = W x + b,   W <- W - lr AdamW(grad W) for every W of the model
+    No adapter tensors, no hooks.
 
 Claims
     - The model is unchanged at step 0 (IDENTITY_AT_INIT).

@@ -3,7 +3,7 @@
 Zhang, Zhang, Shi, Chu, Li (2023), arXiv:2308.03303.
 
 Formula
-    y = W x + b + s B A dropout(x),   s = alpha / r
+    y = W x + b + s B A dropout(x),   A random and frozen, s = alpha / r
     A in R^{r x d_in}: random (Kaiming-uniform, as LoRA's) and FROZEN; B in R^{d_out x r}: zero
     init, the only trained adapter tensor. With ``projected_gradient`` (the paper's LoRA-FA
     optimizer, as PEFT's create_lorafa_optimizer), B's gradient is replaced by

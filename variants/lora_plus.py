@@ -3,8 +3,9 @@
 Hayou, Ghosh, Yu (2024), arXiv:2402.12354.
 
 Formula
-    y = W x + b + (alpha / r) * B A dropout(x), exactly LoRA's forward and init;
-    only the optimizer differs: lr_B = lr_ratio * lr_A, with lr_A the run's learning rate.
+    y = W x + b + (alpha / r) * B A dropout(x),   trained with lr_B = lr_ratio * lr_A
+    Exactly LoRA's forward and init; only the optimizer differs, lr_A being the run's
+    learning rate.
 
 Claims
     - With one learning rate for A and B, feature learning in wide models is inefficient: B

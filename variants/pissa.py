@@ -3,9 +3,10 @@
 Meng, Wang, Zhang (2024), arXiv:2404.02948.
 
 Formula
+    y = W_res x + b + s B A dropout(x),   s B A = the top-r SVD part of W, W_res the rest
     W = U S V^T (SVD); keep the top r triplets in the adapter, the rest in the frozen base:
     A = sqrt(S_r / s) V_r^T  (r x d_in),  B = U_r sqrt(S_r / s)  (d_out x r),  s = alpha / r
-    W_res = W - s B A,   y = W_res x + b + s B A dropout(x)
+    W_res = W - s B A
     A and B train (as LoRA's do); W_res stays frozen. Dividing S_r by s makes s B A equal the
     principal part of W whatever alpha is (as PEFT does).
 

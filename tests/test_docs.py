@@ -1,0 +1,24 @@
+"""README's variants table is generated from the variant files and must not go stale."""
+
+import variants
+from lorabench import docs
+
+
+def test_readme_table_is_current():
+    assert docs.readme_table() == docs.table(), "README's variants table is stale: run python -m lorabench.docs --write"
+
+
+def test_every_variant_gives_the_table_a_formula_and_a_paper():
+    for name, variant in variants.REGISTRY.items():
+        facts = docs.docstring_facts(variant)
+        assert facts["formula"].startswith("y"), f"variants/{name}.py: the first line under Formula should be the layer's output, y = ..."
+        assert facts["arxiv"] and facts["authors"], f"variants/{name}.py: cite the paper as 'Authors (year), arXiv:id.'"
+
+
+def test_write_fills_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{docs.START}\nold\n{docs.END}\noutro\n")
+    assert docs.write_readme(readme)
+    assert docs.readme_table(readme) == docs.table()
+    assert not docs.write_readme(readme)
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
