@@ -70,7 +70,8 @@ def table() -> str:
             paper = f"[{paper}](https://arxiv.org/abs/{facts['arxiv']})"
         count = trainable(variant, shapes, base_params)
         share = f" ({100 * count / base_params:.2f}%)"
-        formula = f"`{facts['formula']}`" if facts["formula"] else ""
+        escaped = facts["formula"].replace("|", "\\|")  # a bare | would end the table cell
+        formula = f"`{escaped}`" if escaped else ""
         rows.append(f"| `{name}` | {paper} | {formula} | {count:,}{share} |")
     return "\n".join(rows) + "\n"
 
