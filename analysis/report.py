@@ -122,7 +122,8 @@ def results(summary: pd.DataFrame) -> str:
     parts = [
         "## Results",
         "Score: mean ± sample standard deviation over successful seeds (n); costs: means over the same seeds. "
-        + f"MB = {BYTES_PER_MB:,} bytes. Peak memory kind: {kinds}.",
+        + f"MB = {BYTES_PER_MB:,} bytes. Peak memory kind: {kinds}. Activation MB: what autograd keeps "
+        + "for the backward pass of the longest training batch, exact on any device.",
     ]
     for task, rows in summary.groupby("task", sort=True):
         table = pd.DataFrame(
@@ -132,6 +133,7 @@ def results(summary: pd.DataFrame) -> str:
                 "trainable params": rows["trainable"].round().astype("Int64"),
                 "adapter MB": rows["adapter_mb"],
                 "peak memory MB": rows["peak_memory_mb"],
+                "activation MB": rows["activation_mb"],
                 "tokens/s": rows["tokens_per_s"],
                 "wall s": rows["wall_s"],
             }

@@ -11,7 +11,8 @@ Layout (``SCHEMA_VERSION`` 1)::
     status          "ok" | "failed"
     error           null | {type, message, step}
     run             {task, variant, setting, model, seed, hparams{...}, config_hash}
-    params          {trainable, total, adapter_bytes, adapter_path}
+    params          {trainable, total, adapter_bytes, adapter_path,
+                     variant_report (optional: what the variant reports, e.g. AdaLoRA's ranks)}
     train           {steps, samples, tokens, wall_s, timed_s, timed_steps,
                      tokens_per_s, samples_per_s, peak_memory_mb, peak_memory_kind,
                      activation_mb (autograd's saved tensors for the longest batch),

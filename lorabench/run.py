@@ -256,6 +256,8 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
         return record
     record["train"]["wall_s"] = time.perf_counter() - started
     record["train"]["peak_memory_mb"], record["train"]["peak_memory_kind"] = measure.peak_memory(device)
+    if hasattr(variant, "report"):
+        record["params"]["variant_report"] = variant.report(model)
     record["train"]["activation_mb"] = activation_mb(model, encoded["train"], train_cfg.batch_size, tokenizer.pad_token_id, device)
     record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
                       "primary": task.primary, "primary_value": metrics[task.primary]}

@@ -136,3 +136,13 @@ def test_qlora_preset_runs_on_a_4bit_base(tmp_path):
     assert record["params"]["trainable"] == run.execute(
         "sst2", "lora", 0, "default", {**SMALL, "max_steps": 1, "data_dir": str(tiny_data(tmp_path / "l"))}, tmp_path / "l.json"
     )["params"]["trainable"]
+
+
+def test_adalora_record_keeps_the_final_rank_of_every_layer(tmp_path):
+    steps = 10  # the budget holds its final mask from step 10 - 4 = 6 (tfinal_ratio 0.4)
+    record = run.execute("sst2", "adalora", 0, "default",
+                         {**SMALL, "max_steps": steps, "save_adapter": False, "data_dir": str(tiny_data(tmp_path))}, tmp_path / "a.json")
+    report = records.read(tmp_path / "a.json")["params"]["variant_report"]
+    hparams = record["run"]["hparams"]
+    assert len(report["ranks"]) > 1 and report["total_rank"] == sum(report["ranks"].values())
+    assert report["total_rank"] == hparams["target_rank"] * len(report["ranks"]) < hparams["rank"] * len(report["ranks"])

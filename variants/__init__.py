@@ -34,6 +34,8 @@ Optional
     ``loss_penalty(model) -> Tensor``    a regulariser added to the training loss (AdaLoRA)
     ``on_step(model, step, max_steps)``  called after every optimizer step, before gradients are
         cleared (Delta-LoRA's weight update, AdaLoRA's rank budget, which reads the gradients)
+    ``report(model) -> dict``     what the run record should keep about the trained adapter
+        (AdaLoRA's final rank per layer), stored as ``params.variant_report``
     ``QUANTIZABLE_BASE = False``   the method reads or writes W, so ``quantize_base`` (QLoRA's
         4-/8-bit frozen base) is refused for it; the docstring says why
 
