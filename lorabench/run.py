@@ -47,6 +47,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "val_size": 0,
     "eval_size": 0,
     "max_length": 128,
+    "truncation": "head",
     "targets": "all-linear",
     "quantize_base": "none",
     "save_adapter": True,
@@ -62,6 +63,7 @@ ENGINE_HELP = {
     "train_size": "training examples used (0: all left after val_size)",
     "val_size": "examples carved out of train for periodic evaluation (eval_every)",
     "eval_size": "examples of the reported split scored (0: all)",
+    "truncation": "head | head_tail: what of a text longer than max_length is kept",
     "targets": "all-linear, or a list of layer-name suffixes such as [query, value]",
     "quantize_base": "none | nf4 | int8: the frozen base in bitsandbytes 4-bit NF4 (QLoRA) or 8-bit layers",
     "device": "auto | cpu | cuda | cuda:N",
@@ -147,6 +149,9 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
     if hparams["quantize_base"] != "none" and not getattr(variant, "QUANTIZABLE_BASE", True):
         raise ConfigError(f"quantize_base={hparams['quantize_base']} does not compose with variant {variant_name}: "
                           f"it reads or writes the base weights (variants/{variant_name}.py); set quantize_base=none")
+    if hparams["truncation"] not in tasks.TRUNCATIONS or (hparams["truncation"] == "head_tail" and len(task.text_columns) > 1):
+        raise ConfigError(f"truncation={hparams['truncation']!r}: use one of {', '.join(tasks.TRUNCATIONS)} "
+                          f"(head_tail for single-text tasks only; {task_name} has {len(task.text_columns)} text column(s))")
     if not 0 <= hparams["warmup_ratio"] < 1:
         raise ConfigError(f"warmup_ratio={hparams['warmup_ratio']} must be in [0, 1)")
     try:
@@ -237,7 +242,7 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     model.to(device)
     quantize.quantize_base(model, hparams["quantize_base"])
     adapters.attach(model, variant, variant_cfg, hparams["targets"])
-    encoded = {name: task.encode(tokenizer, split, hparams["max_length"]) for name, split in splits.items()}
+    encoded = {name: task.encode(tokenizer, split, hparams["max_length"], hparams["truncation"]) for name, split in splits.items()}
     record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None}
     record["run"]["data"] = {name: len(rows) for name, rows in encoded.items()}
 

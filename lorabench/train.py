@@ -138,7 +138,7 @@ def predict(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int
 
 def evaluate(model, examples, task, pad_id, batch_size, device) -> dict[str, float]:
     predictions, labels = predict(model, examples, pad_id, batch_size, device)
-    return task.metrics(predictions, labels)
+    return task.score(predictions, labels, [example.get("group") for example in examples])
 
 
 def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: TrainConfig, pad_id: int, device: torch.device, seed: int) -> dict:
@@ -182,7 +182,7 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
         if cfg.eval_every and val_examples and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             throughput.pause()
-            score = evaluate(model, val_examples, task, pad_id, cfg.eval_batch_size, device)[task.primary]
+            score = evaluate(model, val_examples, task, pad_id, cfg.eval_batch_size, device)[task.val_metric]
             val_curve.append([step, score])
             throughput.resume()
     progress.close()

@@ -21,6 +21,7 @@ import datasets
 from lorabench.registry import lookup, public_modules
 
 KINDS = ("classification", "regression", "generation", "language_modeling")
+TRUNCATIONS = ("head", "head_tail")
 DATA_SOURCES = ("auto", "hub", "local")
 
 
@@ -34,6 +35,10 @@ class Task:
 
     ``load_local(folder)`` and ``load_hub()`` return ``{"train": Dataset, "eval": Dataset}``
     with the Hub's column names; ``eval`` is the split scores are reported on (GLUE: dev).
+    A task scored on several sets at once (MNLI: matched and mismatched) names the eval
+    column telling them apart in ``group_column``; each metric is then reported per group,
+    as ``<metric>_<group>``, and ``primary`` names one of those (``accuracy_matched``). A
+    validation set carved out of train has no groups and is scored plainly (``val_metric``).
     """
 
     name: str
@@ -49,6 +54,7 @@ class Task:
     local_layout: str
     eval_split_name: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    group_column: str | None = None
 
     def load(self, data_dir: str | None = None, data_source: str = "auto") -> dict[str, datasets.Dataset]:
         if data_source not in DATA_SOURCES:
@@ -66,15 +72,67 @@ class Task:
             raise DataError("data_source=local needs data_dir (or the LORABENCH_DATA environment variable)")
         return self.load_local(Path(data_dir).expanduser())
 
-    def encode(self, tokenizer, dataset: datasets.Dataset, max_length: int) -> list[dict]:
-        """Token ids (sentence pairs fed together) and labels; padding is left to the batcher."""
+    def encode(self, tokenizer, dataset: datasets.Dataset, max_length: int, truncation: str = "head") -> list[dict]:
+        """Token ids (sentence pairs fed together) and labels; padding is left to the batcher.
+
+        ``truncation``: ``head`` keeps the first ``max_length`` tokens; ``head_tail`` (single
+        texts only) keeps the first quarter and the last three quarters of the budget, which
+        Sun et al. (2019, arXiv:1905.05583) found best for long reviews.
+        """
+        if truncation not in TRUNCATIONS:
+            raise DataError(f"truncation={truncation!r}: use one of {', '.join(TRUNCATIONS)}")
+        if truncation == "head_tail" and len(self.text_columns) > 1:
+            raise DataError(f"truncation=head_tail needs single texts; task {self.name} feeds pairs, use truncation=head")
         if len(dataset) == 0:
             return []
         texts = [list(dataset[column]) for column in self.text_columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        if truncation == "head_tail":
+            encoded = tokenizer(*texts, truncation=False, return_special_tokens_mask=True)
+            encoded = {key: values for key, values in encoded.items() if key in ("input_ids", "token_type_ids", "special_tokens_mask")}
+            encoded = keep_head_and_tail(encoded, max_length)
+        else:
+            encoded = tokenizer(*texts, truncation=True, max_length=max_length)
         keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
         labels = list(dataset[self.label_column])
-        return [{**{key: encoded[key][i] for key in keys}, "labels": labels[i]} for i in range(len(dataset))]
+        examples = [{**{key: encoded[key][i] for key in keys}, "labels": labels[i]} for i in range(len(dataset))]
+        if self.group_column and self.group_column in dataset.column_names:
+            for example, group in zip(examples, dataset[self.group_column]):
+                example["group"] = group
+        return examples
+
+    @property
+    def val_metric(self) -> str:
+        """The primary metric's name on examples without groups (validation carved from train)."""
+        return self.primary.rsplit("_", 1)[0] if self.group_column else self.primary
+
+    def score(self, predictions: list, labels: list, groups: list | None = None) -> dict[str, float]:
+        """The task's metrics; per group (``<metric>_<group>``) when it has a group column."""
+        if not self.group_column or groups is None or not any(groups):
+            return self.metrics(predictions, labels)
+        scores = {}
+        for group in sorted(set(groups)):
+            members = [i for i, g in enumerate(groups) if g == group]
+            part = self.metrics([predictions[i] for i in members], [labels[i] for i in members])
+            scores.update({f"{metric}_{group}": value for metric, value in part.items()})
+        return scores
+
+
+def keep_head_and_tail(encoded: dict[str, list[list[int]]], max_length: int) -> dict[str, list[list[int]]]:
+    """Cut each sequence longer than ``max_length`` to its leading and trailing special tokens,
+    the first quarter of the remaining budget from the text's head and the rest from its tail."""
+    out: dict[str, list[list[int]]] = {key: [] for key in encoded if key != "special_tokens_mask"}
+    for row, special in enumerate(encoded["special_tokens_mask"]):
+        keep = list(range(len(special)))
+        if len(special) > max_length:
+            body = [i for i, is_special in enumerate(special) if not is_special]
+            lead, trail = body[0], len(special) - 1 - body[-1]
+            budget = max_length - lead - trail
+            head = budget // 4
+            chosen = body[:head] + body[len(body) - (budget - head):]
+            keep = list(range(lead)) + chosen + list(range(len(special) - trail, len(special)))
+        for key in out:
+            out[key].append([encoded[key][row][i] for i in keep])
+    return out
 
 
 def _discover() -> dict[str, Task]:

@@ -43,7 +43,7 @@ def test_auto_source_uses_local_when_data_dir_set(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "row, message",
     [("only one field", r"train.tsv:3: expected 2 tab-separated fields"),
-     ("sentence\t7", r"train.tsv:3: label '7' is not one of"),
+     ("sentence\t7", r"train.tsv:3: label '7' is not valid here \(one of"),
      ("a\tb\tc", r"train.tsv:3: expected 2")],
 )
 def test_malformed_row_names_file_and_line(tmp_path, row, message):
