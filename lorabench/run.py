@@ -50,6 +50,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "truncation": "head",
     "targets": "all-linear",
     "quantize_base": "none",
+    "forgetting_tokens": 8192,
     "save_adapter": True,
     "device": "auto",
     "threads": 0,
@@ -66,17 +67,19 @@ ENGINE_HELP = {
     "truncation": "head | head_tail: what of a text longer than max_length is kept",
     "targets": "all-linear, or a list of layer-name suffixes such as [query, value]",
     "quantize_base": "none | nf4 | int8: the frozen base in bitsandbytes 4-bit NF4 (QLoRA) or 8-bit layers",
+    "forgetting_tokens": "decoder runs: tokens of the reference text (Shakespeare test) scored before and after (0: skip)",
     "device": "auto | cpu | cuda | cuda:N",
     "threads": "torch CPU threads (0: torch's default)",
     "eval_every": "steps between validation evaluations (0: none)",
     "timing_warmup_steps": "first steps left out of tokens/s",
     "bucket_batches": "batches per length-sorted bucket (0: no length bucketing)",
 }
-DEFAULT_MODEL = {"encoder": "minilm"}
+DEFAULT_MODEL = {"encoder": "minilm", "decoder": "smollm2"}
 MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter")
 POSITIVE = ("lr", "batch_size", "grad_accum", "max_steps", "max_length", "eval_batch_size", "log_every")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "eval_every", "timing_warmup_steps", "bucket_batches",
-                "train_size", "val_size", "eval_size", "threads", "data_seed")
+                "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens")
+FORGETTING_REFERENCE = "shakespeare"  # the task whose eval text measures what a decoder forgets
 PACKAGES = ("lorabench", "torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
 
 
@@ -149,9 +152,9 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
     if hparams["quantize_base"] != "none" and not getattr(variant, "QUANTIZABLE_BASE", True):
         raise ConfigError(f"quantize_base={hparams['quantize_base']} does not compose with variant {variant_name}: "
                           f"it reads or writes the base weights (variants/{variant_name}.py); set quantize_base=none")
-    if hparams["truncation"] not in tasks.TRUNCATIONS or (hparams["truncation"] == "head_tail" and len(task.text_columns) > 1):
+    if hparams["truncation"] not in tasks.TRUNCATIONS or (hparams["truncation"] == "head_tail" and (len(task.text_columns) > 1 or task.causal)):
         raise ConfigError(f"truncation={hparams['truncation']!r}: use one of {', '.join(tasks.TRUNCATIONS)} "
-                          f"(head_tail for single-text tasks only; {task_name} has {len(task.text_columns)} text column(s))")
+                          f"(head_tail for single-text classification only; {task_name} is {task.kind} with {len(task.text_columns)} text column(s))")
     if not 0 <= hparams["warmup_ratio"] < 1:
         raise ConfigError(f"warmup_ratio={hparams['warmup_ratio']} must be in [0, 1)")
     try:
@@ -237,9 +240,19 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
                    "seed": seed, "hparams": hparams, "config_hash": records.config_hash(hashed)}
     record = records.new_record(run_section, environment(device))
 
-    splits = split_sizes(task.load(hparams["data_dir"], hparams["data_source"]), hparams)
-    model, tokenizer = models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
+    source = task.resolve_source(hparams["data_dir"], hparams["data_source"])
+    splits = split_sizes(task.load(hparams["data_dir"], source), hparams)
+    record["run"]["data_source"] = source
+    if source == "local" and task.local_note:
+        record["run"]["data_note"] = task.local_note
+    if task.causal:
+        model, tokenizer = models.load_causal_lm(hparams["model"], hparams["model_source"])
+    else:
+        model, tokenizer = models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
     model.to(device)
+    reference = forgetting_reference(task, tokenizer, hparams)
+    if reference:
+        forgetting_before = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
     quantize.quantize_base(model, hparams["quantize_base"])
     adapters.attach(model, variant, variant_cfg, hparams["targets"])
     encoded = {name: task.encode(tokenizer, split, hparams["max_length"], hparams["truncation"]) for name, split in splits.items()}
@@ -253,6 +266,13 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     try:
         record["train"] = train(model, variant, variant_cfg, task, encoded["train"], encoded["val"], train_cfg, tokenizer.pad_token_id, device, seed)
         metrics = evaluate(model, encoded["eval"], task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)
+        if task.generation_metrics is not None:
+            metrics.update(task.generation_metrics(model, tokenizer, splits["eval"], device, train_cfg.eval_batch_size))
+        if reference:
+            after = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
+            metrics["forgetting"] = after - forgetting_before
+            forgetting = {"reference": f"{FORGETTING_REFERENCE} eval split, first {hparams['forgetting_tokens']} tokens",
+                          "loss_before": forgetting_before, "loss_after": after}
     except (DivergedError, torch.OutOfMemoryError) as error:
         record["status"] = "failed"
         record["error"] = {"type": type(error).__name__, "message": str(error), "step": getattr(error, "step", None)}
@@ -266,6 +286,8 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record["train"]["activation_mb"] = activation_mb(model, encoded["train"], train_cfg.batch_size, tokenizer.pad_token_id, device)
     record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
                       "primary": task.primary, "primary_value": metrics[task.primary]}
+    if reference:
+        record["eval"]["forgetting"] = forgetting
     if hparams["save_adapter"]:
         adapter_path = out.with_suffix(".safetensors")
         adapters.save(model, adapter_path, {"task": task_name, "model": hparams["model"], "seed": str(seed)})
@@ -275,6 +297,23 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records.write_atomic(out, record)
     return record
+
+
+def forgetting_reference(task: tasks.Task, tokenizer, hparams: dict[str, Any]) -> list[dict]:
+    """Blocks of the reference text whose cross-entropy, before and after fine-tuning, measures
+    what a decoder run forgets (as PEFT's method comparison does); none for encoder tasks."""
+    if not task.causal or not hparams["forgetting_tokens"]:
+        return []
+    reference = tasks.get(FORGETTING_REFERENCE)
+    text = reference.load(hparams["data_dir"], hparams["data_source"])["eval"]
+    blocks = reference.encode(tokenizer, text, hparams["max_length"])
+    kept, budget = [], hparams["forgetting_tokens"]
+    for example in blocks:
+        if budget <= 0:
+            break
+        kept.append({key: value[:budget] for key, value in example.items()})
+        budget -= len(kept[-1]["input_ids"])
+    return kept
 
 
 def activation_mb(model, examples: list[dict], batch_size: int, pad_id: int, device: torch.device) -> float:

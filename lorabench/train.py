@@ -65,8 +65,12 @@ def endless_batches(examples: list[dict], cfg: TrainConfig, generator: torch.Gen
             yield [examples[i] for i in batch]
 
 
+IGNORE_INDEX = -100  # label of tokens that take no loss (padding, a generation task's prompt)
+
+
 def collate(examples: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad to the longest example of this batch; labels pass through."""
+    """Pad to the longest example of this batch; one label per example passes through, per-token
+    labels (decoder tasks) are padded with IGNORE_INDEX."""
     width = max(len(example["input_ids"]) for example in examples)
     batch: dict[str, Any] = {"input_ids": [], "attention_mask": []}
     if "token_type_ids" in examples[0]:
@@ -78,7 +82,10 @@ def collate(examples: list[dict], pad_id: int, device: torch.device) -> dict[str
         if "token_type_ids" in batch:
             batch["token_type_ids"].append(example["token_type_ids"] + [0] * pad)
     tensors = {key: torch.tensor(value, device=device) for key, value in batch.items()}
-    tensors["labels"] = torch.tensor([example["labels"] for example in examples], device=device)
+    labels = [example["labels"] for example in examples]
+    if isinstance(labels[0], list):
+        labels = [row + [IGNORE_INDEX] * (width - len(row)) for row in labels]
+    tensors["labels"] = torch.tensor(labels, device=device)
     return tensors
 
 
@@ -136,7 +143,29 @@ def predict(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int
     return [predictions[i] for i in range(len(examples))], [example["labels"] for example in examples]
 
 
+@torch.no_grad()
+def perplexity(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean cross-entropy per labelled token over ``examples`` (nats) and its exponential."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, device)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        targets = labels[:, 1:]
+        losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        total += losses.item()
+        count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(loss)}
+
+
 def evaluate(model, examples, task, pad_id, batch_size, device) -> dict[str, float]:
+    if task.causal:
+        return perplexity(model, examples, pad_id, batch_size, device)
     predictions, labels = predict(model, examples, pad_id, batch_size, device)
     return task.score(predictions, labels, [example.get("group") for example in examples])
 

@@ -21,6 +21,7 @@ import datasets
 from lorabench.registry import lookup, public_modules
 
 KINDS = ("classification", "regression", "generation", "language_modeling")
+CAUSAL_KINDS = ("generation", "language_modeling")  # trained as a decoder's next-token loss
 TRUNCATIONS = ("head", "head_tail")
 DATA_SOURCES = ("auto", "hub", "local")
 
@@ -47,7 +48,7 @@ class Task:
     text_columns: tuple[str, ...]
     label_column: str
     num_labels: int
-    metrics: Callable[[Any, Any], dict[str, float]]
+    metrics: Callable[[Any, Any], dict[str, float]] | None  # None for decoder tasks (perplexity)
     primary: str
     load_hub: Callable[[], dict[str, datasets.Dataset]]
     load_local: Callable[[Path], dict[str, datasets.Dataset]]
@@ -55,12 +56,25 @@ class Task:
     eval_split_name: str
     defaults: dict[str, Any] = field(default_factory=dict)
     group_column: str | None = None
+    make_examples: Callable[..., list[dict]] | None = None
+    generation_metrics: Callable[..., dict[str, float]] | None = None
+    local_note: str = ""
 
-    def load(self, data_dir: str | None = None, data_source: str = "auto") -> dict[str, datasets.Dataset]:
+    @property
+    def causal(self) -> bool:
+        return self.kind in CAUSAL_KINDS
+    def resolve_source(self, data_dir: str | None = None, data_source: str = "auto") -> str:
+        """``hub`` or ``local``: ``auto`` is local when a data folder is given."""
         if data_source not in DATA_SOURCES:
             raise DataError(f"data_source={data_source!r}; choose one of {', '.join(DATA_SOURCES)}")
+        if data_source == "auto":
+            return "local" if (data_dir or os.environ.get("LORABENCH_DATA")) else "hub"
+        return data_source
+
+    def load(self, data_dir: str | None = None, data_source: str = "auto") -> dict[str, datasets.Dataset]:
+        source = self.resolve_source(data_dir, data_source)
         data_dir = data_dir or os.environ.get("LORABENCH_DATA") or None
-        if data_source == "hub" or (data_source == "auto" and data_dir is None):
+        if source == "hub":
             try:
                 return self.load_hub()
             except ConnectionError as error:
@@ -85,6 +99,8 @@ class Task:
             raise DataError(f"truncation=head_tail needs single texts; task {self.name} feeds pairs, use truncation=head")
         if len(dataset) == 0:
             return []
+        if self.make_examples is not None:
+            return self.make_examples(tokenizer, dataset, max_length)
         texts = [list(dataset[column]) for column in self.text_columns]
         if truncation == "head_tail":
             encoded = tokenizer(*texts, truncation=False, return_special_tokens_mask=True)
@@ -102,7 +118,10 @@ class Task:
 
     @property
     def val_metric(self) -> str:
-        """The primary metric's name on examples without groups (validation carved from train)."""
+        """The metric of periodic validation: the primary one on examples without groups
+        (carved from train), or perplexity for decoder tasks (generating is too slow)."""
+        if self.causal:
+            return "perplexity"
         return self.primary.rsplit("_", 1)[0] if self.group_column else self.primary
 
     def score(self, predictions: list, labels: list, groups: list | None = None) -> dict[str, float]:

@@ -82,7 +82,7 @@ def test_head_tail_keeps_the_start_and_the_end(tmp_path):
 
 
 def test_head_tail_is_refused_for_sentence_pairs():
-    with pytest.raises(ConfigError, match="head_tail for single-text tasks only; rte has 2"):
+    with pytest.raises(ConfigError, match="head_tail for single-text classification only; rte is classification with 2"):
         resolve_hparams("rte", "lora", {"truncation": "head_tail"})
     assert resolve_hparams("imdb", "lora", {"truncation": "head_tail"})["max_length"] == 256
 

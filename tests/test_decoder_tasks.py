@@ -1,0 +1,127 @@
+"""Decoder tasks: E2E generation and Shakespeare language modelling, local files as the Hub's.
+
+Metrics are checked by hand (BLEU and ROUGE-L on texts whose scores are known, perplexity
+against transformers' own loss); a run of the real decoder trains and scores E2E in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import pytest
+import torch
+import transformers
+
+import tasks
+from lorabench import run
+from lorabench.train import IGNORE_INDEX, collate, perplexity
+from tasks import e2e, lm
+from tests.helpers import shared_data
+
+ROWS = [("name[Alimentum], area[city centre]", "Alimentum is in the city centre."),
+        ("name[Alimentum], area[city centre]", "There is a place in the city centre, Alimentum."),
+        ("name[Aromi], eatType[coffee shop]", 'Aromi is a "coffee shop".')]
+
+
+def write_e2e(root):
+    folder = root / "e2e"
+    folder.mkdir(parents=True)
+    body = "mr,ref\n" + "".join(f'"{mr}","{ref.replace(chr(34), chr(34) * 2)}"\n' for mr, ref in ROWS)
+    for name in ("devset.csv", "testset_w_refs.csv"):
+        (folder / name).write_text(body, encoding="utf-8")
+    return root
+
+
+class ToyTokenizer:
+    """Whitespace tokens -> ids, enough to check how examples are built."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[2 + sum(map(ord, word)) % 97 for word in text.split()] for text in texts]}
+
+
+def test_e2e_local_files_give_the_hubs_examples(tmp_path, monkeypatch):
+    task = tasks.get("e2e")
+    local = task.load(str(write_e2e(tmp_path)), "local")
+    hub_split = datasets.Dataset.from_dict({"meaning_representation": [r[0] for r in ROWS], "human_reference": [r[1] for r in ROWS],
+                                            "extra": [0, 0, 0]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: {"train": hub_split, "validation": hub_split, "test": hub_split})
+    hub = task.load(data_source="hub")
+    tokenizer = ToyTokenizer()
+    for split in ("train", "eval"):
+        assert local[split].column_names == hub[split].column_names == list(e2e.COLUMNS)
+        assert task.encode(tokenizer, local[split], 64) == task.encode(tokenizer, hub[split], 64)
+    assert local["eval"]["human_reference"][2] == 'Aromi is a "coffee shop".'
+
+
+def test_e2e_examples_learn_the_description_only():
+    dataset = datasets.Dataset.from_dict({"meaning_representation": [ROWS[0][0]], "human_reference": [ROWS[0][1]]})
+    (example,) = e2e.encode(ToyTokenizer(), dataset, 64)
+    prompt = ToyTokenizer()([e2e.PROMPT.format(mr=ROWS[0][0])])["input_ids"][0]
+    assert example["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert example["labels"][len(prompt) :] == example["input_ids"][len(prompt) :]
+    assert example["input_ids"][-1] == ToyTokenizer.eos_token_id
+
+
+def test_bleu_and_rouge_by_hand():
+    perfect = e2e.bleu_and_rouge(["the cat sat on the mat", "a dog"], [["a bird", "the cat sat on the mat"], ["a dog"]])
+    assert perfect == pytest.approx({"bleu": 100.0, "rouge_l": 100.0})
+    partial = e2e.bleu_and_rouge(["the cat sat"], [["the cat sat on the mat"]])
+    # ROUGE-L: LCS 3, precision 3/3, recall 3/6 -> F1 = 2/3
+    assert partial["rouge_l"] == pytest.approx(100 * 2 / 3)
+    # BLEU: every n-gram precision is 1 for a 5-word prefix of the 6-word reference, so BLEU is
+    # the brevity penalty alone, exp(1 - 6/5)
+    prefix = e2e.bleu_and_rouge(["the cat sat on the"], [["the cat sat on the mat"]])
+    assert prefix["bleu"] == pytest.approx(100 * math.exp(1 - 6 / 5))
+    assert e2e.bleu_and_rouge(["x y z"], [["the cat"]]) == pytest.approx({"bleu": 0.0, "rouge_l": 0.0})
+
+
+def test_perplexity_is_the_exponential_of_transformers_loss():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    example = {"input_ids": [3, 4, 5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 5, 6, 7, 8]}
+    batch = collate([example], pad_id=0, device=torch.device("cpu"))
+    expected = model(**batch).loss.item()
+    scores = perplexity(model, [example, {"input_ids": [9, 9], "labels": [IGNORE_INDEX, IGNORE_INDEX]}], 0, 2, torch.device("cpu"))
+    assert scores["loss"] == pytest.approx(expected, rel=1e-5)
+    assert scores["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_shakespeare_splits_as_the_hub_and_cuts_blocks(tmp_path):
+    text = "".join(f"LINE {i}: to be or not to be\n" for i in range(2000))
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text(text)
+    splits = tasks.get("shakespeare").load(str(tmp_path), "local")
+    n = len(text)
+    assert "".join(splits["train"]["text"]) == text[: int(0.9 * n)]
+    assert "".join(splits["eval"]["text"]) == text[int(0.95 * n) :]
+    assert all(len(row) <= lm.CHUNK_CHARS for row in splits["train"]["text"])
+    blocks = lm.encode(ToyTokenizer(), splits["eval"], 16)
+    assert all(block["labels"] == block["input_ids"] and len(block["input_ids"]) <= 16 for block in blocks)
+    assert sum(len(block["input_ids"]) for block in blocks) == sum(len(row.split()) for row in splits["eval"]["text"])
+
+
+@pytest.mark.skipif(shared_data() is None, reason="no offline data: set LORABENCH_DATA")
+def test_shared_copies_have_the_documented_sizes():
+    e2e_splits = tasks.get("e2e").load(str(shared_data()), "local")
+    assert (len(e2e_splits["train"]), len(e2e_splits["eval"])) == (4672, 4693)
+    assert len(set(e2e_splits["eval"]["meaning_representation"])) == 630
+    text = (shared_data() / "tinyshakespeare" / "input.txt").read_text()
+    assert len(lm.split_text(text)["train"]) == 1003854 and len(lm.split_text(text)["test"]) == 55770
+
+
+@pytest.mark.skipif(shared_data() is None, reason="no offline data: set LORABENCH_DATA")
+def test_a_decoder_run_trains_and_scores_e2e(tmp_path):
+    small = {"max_steps": 2, "batch_size": 4, "train_size": 16, "eval_size": 12, "save_adapter": False, "threads": 2,
+             "timing_warmup_steps": 0, "forgetting_tokens": 256, "data_dir": str(shared_data())}
+    record = run.execute("e2e", "lora", 0, "default", small, tmp_path / "r.json")
+    assert record["status"] == "ok" and record["run"]["model"] == "smollm2"
+    metrics = record["eval"]["metrics"]
+    assert {"bleu", "rouge_l", "perplexity", "forgetting"} <= set(metrics)
+    assert 1 < metrics["perplexity"] < 1000 and 0 <= metrics["bleu"] <= 100
+    assert record["run"]["data_note"].startswith("offline copy: trained on E2E's devset.csv")
+    assert record["eval"]["forgetting"]["loss_before"] > 0
