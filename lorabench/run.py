@@ -71,14 +71,15 @@ ENGINE_HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "threads": "torch CPU threads (0: torch's default)",
     "eval_every": "steps between validation evaluations (0: none)",
+    "max_steps": "optimizer steps (0: score the untrained model, the base-model reference)",
     "timing_warmup_steps": "first steps left out of tokens/s",
     "bucket_batches": "batches per length-sorted bucket (0: no length bucketing)",
 }
 DEFAULT_MODEL = {"encoder": "minilm", "decoder": "smollm2"}
 MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter")
-POSITIVE = ("lr", "batch_size", "grad_accum", "max_steps", "max_length", "eval_batch_size", "log_every")
+POSITIVE = ("lr", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "eval_every", "timing_warmup_steps", "bucket_batches",
-                "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens")
+                "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens", "max_steps")
 FORGETTING_REFERENCE = "shakespeare"  # the task whose eval text measures what a decoder forgets
 PACKAGES = ("lorabench", "torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
 

@@ -146,3 +146,10 @@ def test_adalora_record_keeps_the_final_rank_of_every_layer(tmp_path):
     hparams = record["run"]["hparams"]
     assert len(report["ranks"]) > 1 and report["total_rank"] == sum(report["ranks"].values())
     assert report["total_rank"] == hparams["target_rank"] * len(report["ranks"]) < hparams["rank"] * len(report["ranks"])
+
+
+def test_zero_steps_scores_the_untrained_model(tmp_path):
+    data = str(tiny_data(tmp_path))
+    record = run.execute("sst2", "lora", 0, "base", {**SMALL, "max_steps": 0, "save_adapter": False, "data_dir": data}, tmp_path / "b.json")
+    assert record["status"] == "ok" and record["train"]["loss_curve"] == [] and record["train"]["timed_steps"] == 0
+    assert 0 <= record["eval"]["primary_value"] <= 1
