@@ -22,8 +22,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-import variants
-
 FORMAT_VERSION = "1"
 TASK_HEADS = ("classifier", "score")
 
@@ -263,6 +261,8 @@ def load(model: nn.Module, path: str | Path) -> Attachment:
     The file is read and checked against the model before anything is copied; a bad file
     raises ``AdapterError`` naming it and leaves the model as it was.
     """
+    import variants  # here, not at the top: variant files import this module
+
     metadata = read_metadata(path)
     try:
         variant = variants.get(metadata["variant"])

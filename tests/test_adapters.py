@@ -236,3 +236,13 @@ def test_unknown_target_raises_naming_the_targets():
 def test_the_head_is_never_a_target():
     with pytest.raises(adapters.AdapterError, match="classifier"):
         adapters.find_targets(build_model("bert"), ["classifier"])
+
+
+@pytest.mark.parametrize("first", ["lorabench.adapters", "lorabench.train", "variants", "lorabench.run"])
+def test_any_module_can_be_imported_first(first):
+    """Variant files import lorabench.adapters; importing it first must not hit a cycle."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", f"import {first}, variants; assert len(variants.REGISTRY) > 2"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
