@@ -85,7 +85,6 @@ def generate(model, tokenizer, prompts: list[str], device: torch.device, batch_s
     """Greedy continuations of ``prompts``, batched with left padding."""
     was_training = model.training
     model.eval()
-    outputs = []
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     texts: dict[int, str] = {}
@@ -99,8 +98,7 @@ def generate(model, tokenizer, prompts: list[str], device: torch.device, batch_s
         for i, row in zip(rows, generated[:, width:].tolist()):
             texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     model.train(was_training)
-    outputs = [texts[i] for i in range(len(prompts))]
-    return outputs
+    return [texts[i] for i in range(len(prompts))]
 
 
 def generation_metrics(model, tokenizer, dataset: datasets.Dataset, device: torch.device, batch_size: int) -> dict[str, float]:

@@ -90,3 +90,11 @@ def lora_and_peft(family: str, targets, variant, rank: int = 4, alpha: float = 8
             module.lora_A["default"].weight.copy_(layer.lora_A)
             module.lora_B["default"].weight.copy_(layer.lora_B)
     return ours, theirs, attachment
+
+
+def step_each(pairs, batch) -> None:
+    """One optimizer step of each (model, optimizer) on ``batch``, gradients cleared after."""
+    for model, optimizer in pairs:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

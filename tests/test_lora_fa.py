@@ -18,7 +18,7 @@ import variants
 from lorabench import adapters, measure
 from lorabench.train import TrainConfig, make_optimizer
 from tests.conftest import build_model, make_batch
-from tests.helpers import lora_and_peft
+from tests.helpers import lora_and_peft, step_each
 
 peft = pytest.importorskip("peft")
 import peft.optimizers.lorafa as peft_lorafa  # noqa: E402
@@ -75,10 +75,7 @@ def test_lora_fa_updates_equal_peft(family, monkeypatch):
     initial_a = {name: layer.lora_A.clone() for name, layer in attachment.layers.items()}
     batch = make_batch()
     for _ in range(3):
-        for model, optimizer in ((ours, ours_optimizer), (theirs, theirs_optimizer)):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step_each([(ours, ours_optimizer), (theirs, theirs_optimizer)], batch)
         for name, layer in attachment.layers.items():
             module = theirs.base_model.model.get_submodule(name)
             assert torch.equal(layer.lora_A, initial_a[name]) and torch.equal(module.lora_A["default"].weight, initial_a[name])

@@ -15,7 +15,7 @@ import variants
 from lorabench import adapters
 from lorabench.train import TrainConfig, make_optimizer
 from tests.conftest import make_batch
-from tests.helpers import lora_and_peft
+from tests.helpers import lora_and_peft, step_each
 
 peft = pytest.importorskip("peft")
 from peft.optimizers import create_loraplus_optimizer  # noqa: E402
@@ -67,10 +67,7 @@ def test_lora_plus_updates_equal_peft(targets):
     batch = make_batch()
     initial = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for name, layer in attachment.layers.items()}
     for step in range(3):
-        for model, optimizer in ((ours, ours_optimizer), (theirs, theirs_optimizer)):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step_each([(ours, ours_optimizer), (theirs, theirs_optimizer)], batch)
         for name, layer in attachment.layers.items():
             module = theirs.base_model.model.get_submodule(name)
             for key in ("lora_A", "lora_B"):

@@ -37,7 +37,7 @@ from functools import reduce
 import torch
 import torch.nn.functional as F
 
-from variants import ParamSpec, VariantConfig, kaiming_uniform, zeros
+from variants import ParamSpec, VariantConfig, lora, zeros
 
 name = "dora"
 IDENTITY_AT_INIT = True
@@ -51,11 +51,7 @@ class Config(VariantConfig):
 
 
 def param_specs(d_in, d_out, cfg):
-    return {
-        "lora_A": ParamSpec((cfg.rank, d_in), kaiming_uniform),
-        "lora_B": ParamSpec((d_out, cfg.rank), zeros),
-        "lora_magnitude": ParamSpec((d_out,), zeros),  # filled by init()
-    }
+    return {**lora.param_specs(d_in, d_out, cfg), "lora_magnitude": ParamSpec((d_out,), zeros)}  # m: filled by init()
 
 
 @torch.no_grad()
