@@ -31,7 +31,7 @@ DPI = 150
 FULL_STYLE = ("#000000", "*")
 _COLORBLIND, _DARK = sns.color_palette("colorblind", 10).as_hex(), sns.color_palette("dark", 10).as_hex()
 COLORS = tuple(_COLORBLIND[i] for i in (0, 1, 2, 3, 4, 5, 6, 9)) + tuple(_DARK[i] for i in (3, 2, 4, 8, 1))
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "d", "8", "H")  # one per variant so far, for greyscale
 STYLE_CYCLE = math.lcm(len(COLORS), len(MARKERS))  # distinct (colour, marker) pairs
 KNOWN_ADAPTERS = tuple(variant for variant in VARIANT_ORDER if variant != FULL)
 
