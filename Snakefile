@@ -65,7 +65,10 @@ rule train:
         f"{RESULTS}/benchmarks/train/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.tsv"
     params:
         sets=lambda wildcards: RUNS[(wildcards.task, wildcards.variant, wildcards.setting, int(wildcards.seed))].cli_sets(),
-    threads: workflow.cores
+    # Two training jobs at a time, each with half the cores: on a 2-core CPU two one-thread
+    # jobs get through the default study faster than one two-thread job (README, "Performance").
+    # A profile's set-threads (train=N) overrides this.
+    threads: max(1, workflow.cores // 2)
     conda:
         ENV
     resources:

@@ -41,6 +41,7 @@ BYTES_PER_MB = 2**20
 # Fixed run columns, so that empty results still give tables with headers. Every
 # hyper-parameter, package version and metric adds a column: hp_<name>, pkg_<name>, metric_<name>.
 RUN_FIELDS = ["task", "variant", "setting", "seed", "model", "config_hash"]
+DATA_FIELDS = ["data_source", "data_note"]  # where the data came from, and what that changes
 TRAIN_FIELDS = [
     "steps", "samples", "tokens", "wall_s", "timed_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "peak_memory_kind",
     "activation_mb",
@@ -50,7 +51,7 @@ META_FIELDS = [
     "lorabench_version", "git_commit", "git_dirty", "started_at", "finished_at",
 ]  # fmt: skip
 RUN_COLUMNS = [
-    *RUN_FIELDS, "status", "error", "trainable", "total", "adapter_mb", *TRAIN_FIELDS,
+    *RUN_FIELDS, *DATA_FIELDS, "status", "error", "trainable", "total", "adapter_mb", *TRAIN_FIELDS,
     "eval_split", "eval_n", "primary_metric", "primary_value", *META_FIELDS,
 ]  # fmt: skip
 COUNT_COLUMNS = ["seed", "trainable", "total", "steps", "samples", "tokens", "eval_n", "threads"]
@@ -246,6 +247,7 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
     adapter_bytes = params.get("adapter_bytes")
     row = {
         **{key: run[key] for key in RUN_FIELDS},
+        **{key: run.get(key) for key in DATA_FIELDS},
         "status": record["status"],
         "error": _describe_error(record["error"]),
         "trainable": params.get("trainable"),

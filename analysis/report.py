@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.aggregate import BYTES_PER_MB, LOWER_IS_BETTER, markdown_table, runs_from_tidy, write_tables
+from analysis.aggregate import BYTES_PER_MB, GROUP_KEY, LOWER_IS_BETTER, markdown_table, runs_from_tidy, write_tables
 from analysis.plots import FULL, score_label, variant_label, write_figures
 
 FIGURE = "figures/score_vs_params.png"
@@ -42,7 +42,7 @@ def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
     else:
         long, summary = read_tables(results)
     path = results / "report.md"
-    path.write_text(render(runs_from_tidy(long), summary, figure_exists=(results / FIGURE).exists()))
+    path.write_text(render(long, summary, figure_exists=(results / FIGURE).exists()))
     return path
 
 
@@ -57,15 +57,16 @@ def read_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFr
     return pd.read_parquet(tables / "runs.parquet"), pd.read_csv(tables / "summary.csv")
 
 
-def render(runs: pd.DataFrame, summary: pd.DataFrame, figure_exists: bool = True) -> str:
-    """The report's Markdown, from run-level rows and the summary table."""
+def render(table: pd.DataFrame, summary: pd.DataFrame, figure_exists: bool = True) -> str:
+    """The report's Markdown, from the tidy table (or run-level rows) and the summary table."""
+    runs = runs_from_tidy(table)
     if runs.empty:
         sections = ["# lorabench report", "No run records under `runs/` yet.", "## Failed runs\n\nnone"]
     else:
         sections = [
             header(runs),
             environment(runs),
-            results(summary),
+            results(summary, metric_means(table), runs),
             figure(figure_exists),
             findings(summary),
             failed_runs(runs),
@@ -116,13 +117,14 @@ def environment(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def results(summary: pd.DataFrame) -> str:
-    """One table per task: the score over seeds and the mean costs of each variant."""
+def results(summary: pd.DataFrame, metrics: pd.DataFrame | None = None, runs: pd.DataFrame | None = None) -> str:
+    """One table per task: the score over seeds, the task's other metrics and the mean costs
+    of each variant, and where the data came from when that qualifies the scores."""
     kinds = ", ".join(sorted(summary["peak_memory_kind"].dropna().unique())) or "not recorded"
     parts = [
         "## Results",
-        "Score: mean ± sample standard deviation over successful seeds (n); costs: means over the same seeds. "
-        + f"MB = {BYTES_PER_MB:,} bytes. Peak memory kind: {kinds}. Activation MB: what autograd keeps "
+        "Score: mean ± sample standard deviation over successful seeds (n); other metrics and costs: means over the "
+        + f"same seeds. MB = {BYTES_PER_MB:,} bytes. Peak memory kind: {kinds}. Activation MB: what autograd keeps "
         + "for the backward pass of the longest training batch, exact on any device.",
     ]
     for task, rows in summary.groupby("task", sort=True):
@@ -130,16 +132,45 @@ def results(summary: pd.DataFrame) -> str:
             {
                 "variant": [variant_label(v, s) for v, s in zip(rows["variant"], rows["setting"])],
                 "score mean ± std (n)": [score_cell(row) for row in rows.itertuples(index=False)],
-                "trainable params": rows["trainable"].round().astype("Int64"),
-                "adapter MB": rows["adapter_mb"],
-                "peak memory MB": rows["peak_memory_mb"],
-                "activation MB": rows["activation_mb"],
-                "tokens/s": rows["tokens_per_s"],
-                "wall s": rows["wall_s"],
             }
         )
-        parts.append(f"### {task} ({score_label(rows)})\n\n{markdown_table(table)}")
+        if metrics is not None and len(metrics):
+            extra = rows[GROUP_KEY].merge(metrics, on=GROUP_KEY, how="left").drop(columns=GROUP_KEY)
+            for metric in extra.columns:
+                if extra[metric].notna().any() and metric not in set(rows["primary_metric"].dropna()):
+                    table[metric] = extra[metric].to_numpy()
+        table = table.assign(
+            **{
+                "trainable params": rows["trainable"].round().astype("Int64").to_numpy(),
+                "adapter MB": rows["adapter_mb"].to_numpy(),
+                "peak memory MB": rows["peak_memory_mb"].to_numpy(),
+                "activation MB": rows["activation_mb"].to_numpy(),
+                "tokens/s": rows["tokens_per_s"].to_numpy(),
+                "wall s": rows["wall_s"].to_numpy(),
+            }
+        )
+        notes = data_notes(runs, task) if runs is not None else ""
+        parts.append(f"### {task} ({score_label(rows)})\n\n{notes}{markdown_table(table)}")
     return "\n\n".join(parts)
+
+
+def metric_means(table: pd.DataFrame) -> pd.DataFrame:
+    """Per task x variant x setting, the mean of each metric over successful seeds, one column
+    per metric; empty for a run-level table."""
+    if "metric" not in table.columns:
+        return pd.DataFrame(columns=GROUP_KEY)
+    ok = table[(table["status"] == "ok") & table["metric"].notna()]
+    means = ok.pivot_table(index=GROUP_KEY, columns="metric", values="value", aggfunc="mean", observed=True)
+    means.columns = [str(column) for column in means.columns]
+    return means.reset_index()
+
+
+def data_notes(runs: pd.DataFrame, task: str) -> str:
+    """What qualifies a task's scores (E2E offline: trained on the dev set), above its table."""
+    if "data_note" not in runs.columns:
+        return ""
+    notes = runs.loc[runs["task"] == task, "data_note"].dropna().unique()
+    return "".join(f"_Data: {note}._\n\n" for note in sorted(notes))
 
 
 def score_cell(row) -> str:

@@ -122,7 +122,7 @@ def _shared_container(model: nn.Module, layers: dict[str, nn.Linear]) -> nn.Modu
 def _check_layer(layer_name: str, layer: nn.Linear, variant: ModuleType, cfg: Any) -> None:
     d_out, d_in = layer.out_features, layer.in_features
     rank = getattr(cfg, "rank", None)
-    if rank is not None and rank > min(d_in, d_out):
+    if rank is not None and getattr(variant, "RANK_BOUND_BY_LAYER", True) and rank > min(d_in, d_out):
         raise AdapterError(
             f"rank={rank} is larger than layer {layer_name} ({d_out} x {d_in}) allows; "
             f"set rank <= {min(d_in, d_out)} or narrow 'targets'"

@@ -63,7 +63,7 @@ ENGINE_HELP = {
     "data_seed": "seed of the train/validation/eval subsampling",
     "train_size": "training examples used (0: all left after val_size)",
     "val_size": "examples carved out of train for periodic evaluation (eval_every)",
-    "eval_size": "examples of the reported split scored (0: all)",
+    "eval_size": "examples of the reported split scored (0: all); E2E takes whole meaning representations up to this many references",
     "truncation": "head | head_tail: what of a text longer than max_length is kept",
     "targets": "all-linear, or a list of layer-name suffixes such as [query, value]",
     "quantize_base": "none | nf4 | int8: the frozen base in bitsandbytes 4-bit NF4 (QLoRA) or 8-bit layers",
@@ -72,6 +72,7 @@ ENGINE_HELP = {
     "threads": "torch CPU threads (0: torch's default)",
     "eval_every": "steps between validation evaluations (0: none)",
     "max_steps": "optimizer steps (0: score the untrained model, the base-model reference)",
+    "epochs": "passes over the training examples; when > 0 it sets max_steps (rounded up)",
     "timing_warmup_steps": "first steps left out of tokens/s",
     "bucket_batches": "batches per length-sorted bucket (0: no length bucketing)",
 }
@@ -79,7 +80,7 @@ DEFAULT_MODEL = {"encoder": "minilm", "decoder": "smollm2"}
 MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter")
 POSITIVE = ("lr", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "eval_every", "timing_warmup_steps", "bucket_batches",
-                "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens", "max_steps")
+                "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens", "max_steps", "epochs")
 FORGETTING_REFERENCE = "shakespeare"  # the task whose eval text measures what a decoder forgets
 PACKAGES = ("lorabench", "torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
 
@@ -165,8 +166,13 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
     return hparams
 
 
-def split_sizes(splits: dict, hparams: dict[str, Any]) -> dict[str, Any]:
-    """Seeded subsets: validation carved out of train (disjoint), train and eval subsampled."""
+def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = None) -> dict[str, Any]:
+    """Seeded subsets: validation carved out of train (disjoint), train and eval subsampled.
+
+    With ``sample_by`` (a column of the eval split), the eval subset takes whole groups of
+    rows sharing that column's value, in a seeded order, until it holds at least
+    ``eval_size`` rows: E2E keeps every reference of each meaning representation it scores,
+    so multi-reference BLEU sees all of them."""
     rng = np.random.default_rng(hparams["data_seed"])
     train_order = rng.permutation(len(splits["train"]))
     val_size = hparams["val_size"]
@@ -176,7 +182,19 @@ def split_sizes(splits: dict, hparams: dict[str, Any]) -> dict[str, Any]:
     train_rows = rest[: hparams["train_size"]] if hparams["train_size"] else rest
     eval_rows = np.arange(len(splits["eval"]))
     if hparams["eval_size"] and hparams["eval_size"] < len(eval_rows):
-        eval_rows = np.sort(rng.permutation(len(eval_rows))[: hparams["eval_size"]])
+        if sample_by is None:
+            eval_rows = np.sort(rng.permutation(len(eval_rows))[: hparams["eval_size"]])
+        else:
+            groups: dict[Any, list[int]] = {}
+            for row, key in enumerate(splits["eval"][sample_by]):
+                groups.setdefault(key, []).append(row)
+            members = list(groups.values())
+            chosen: list[int] = []
+            for group in rng.permutation(len(members)):
+                if len(chosen) >= hparams["eval_size"]:
+                    break
+                chosen += members[group]
+            eval_rows = np.sort(chosen)
     return {
         "train": splits["train"].select(np.sort(train_rows)),
         "val": splits["train"].select(np.sort(train_order[:val_size])),
@@ -242,7 +260,7 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record = records.new_record(run_section, environment(device))
 
     source = task.resolve_source(hparams["data_dir"], hparams["data_source"])
-    splits = split_sizes(task.load(hparams["data_dir"], source), hparams)
+    splits = split_sizes(task.load(hparams["data_dir"], source), hparams, task.sample_by)
     record["run"]["data_source"] = source
     if source == "local" and task.local_note:
         record["run"]["data_note"] = task.local_note
@@ -257,6 +275,8 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     quantize.quantize_base(model, hparams["quantize_base"])
     adapters.attach(model, variant, variant_cfg, hparams["targets"])
     encoded = {name: task.encode(tokenizer, split, hparams["max_length"], hparams["truncation"]) for name, split in splits.items()}
+    if train_cfg.epochs:
+        train_cfg.max_steps = math.ceil(train_cfg.epochs * len(encoded["train"]) / (train_cfg.batch_size * train_cfg.grad_accum))
     record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None}
     record["run"]["data"] = {name: len(rows) for name, rows in encoded.items()}
 
@@ -287,6 +307,8 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record["train"]["activation_mb"] = activation_mb(model, encoded["train"], train_cfg.batch_size, tokenizer.pad_token_id, device)
     record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
                       "primary": task.primary, "primary_value": metrics[task.primary]}
+    if task.sample_by:
+        record["eval"]["inputs"] = len(set(splits["eval"][task.sample_by]))
     if reference:
         record["eval"]["forgetting"] = forgetting
     if hparams["save_adapter"]:

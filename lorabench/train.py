@@ -28,6 +28,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = 600
+    epochs: float = 0.0
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     eval_every: int = 0

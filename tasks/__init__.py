@@ -40,6 +40,8 @@ class Task:
     column telling them apart in ``group_column``; each metric is then reported per group,
     as ``<metric>_<group>``, and ``primary`` names one of those (``accuracy_matched``). A
     validation set carved out of train has no groups and is scored plainly (``val_metric``).
+    A task scored against several references per input names the input column in
+    ``sample_by``: an ``eval_size`` subset then keeps whole inputs with all their references.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Task:
     eval_split_name: str
     defaults: dict[str, Any] = field(default_factory=dict)
     group_column: str | None = None
+    sample_by: str | None = None
     make_examples: Callable[..., list[dict]] | None = None
     generation_metrics: Callable[..., dict[str, float]] | None = None
     local_note: str = ""

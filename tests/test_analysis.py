@@ -16,8 +16,8 @@ MB = 2**20
 FULL_PARAMS, LORA_PARAMS, VERA_PARAMS = 23_000_000, 300_000, 10_000
 
 
-def write_run(results, task, variant, seed, score=None, *, trainable, peak_mb=1000.0, error=None, commit="abc123"):
-    """A valid record; ``score=None`` with ``error`` makes a failed run."""
+def write_run(results, task, variant, seed, score=None, *, trainable, peak_mb=1000.0, error=None, commit="abc123", note=None):
+    """A valid record; ``score=None`` with ``error`` makes a failed run; ``note`` a data note."""
     hparams = {"lr": 5e-4, "rank": 8, "target_modules": ["query", "value"], "max_steps": 600}
     run = {
         "task": task,
@@ -27,6 +27,7 @@ def write_run(results, task, variant, seed, score=None, *, trainable, peak_mb=10
         "seed": seed,
         "hparams": hparams,
         "config_hash": records.config_hash(hparams),
+        **({"data_source": "local", "data_note": note} if note else {}),
     }
     meta = {
         "device": "cpu",
@@ -77,7 +78,7 @@ def results(tmp_path_factory):
         write_run(results, "sst2", "lora", seed, score, trainable=LORA_PARAMS)
     write_run(results, "sst2", "vera", 0, 0.80, trainable=VERA_PARAMS)
     write_run(results, "sst2", "vera", 1, trainable=VERA_PARAMS, error=DIVERGED)
-    write_run(results, "imdb", "full", 0, 0.91, trainable=FULL_PARAMS, commit="def456")
+    write_run(results, "imdb", "full", 0, 0.91, trainable=FULL_PARAMS, commit="def456", note="offline copy, trained on dev")
     write_run(results, "imdb", "lora", 0, 0.88, trainable=LORA_PARAMS, commit="def456")
     write_run(results, "imdb", "vera", 0, trainable=VERA_PARAMS, error=OOM, commit="def456")
     return results
@@ -180,9 +181,12 @@ def test_variant_style_is_stable_and_distinct():
 
 def test_report_lists_tables_environment_findings_and_failures(results):
     text = report.build_report(results).read_text()
-    assert "| variant | score mean ± std (n) | trainable params |" in text
-    assert "| full | 0.9200 ± 0.0200 (3) | 23,000,000 |" in text
-    assert "| vera | 0.8000 (1), 1 failed |" in text
+    sst2, imdb = text.split("### sst2")[1].split("##")[0], text.split("### imdb")[1].split("##")[0]
+    assert "| variant | score mean ± std (n) | f1 | trainable params |" in sst2  # the task's other metric
+    assert "| full | 0.9200 ± 0.0200 (3) | 0.91 | 23,000,000 |" in sst2
+    assert "| vera | 0.8000 (1), 1 failed | 0.79 |" in sst2
+    assert "| variant | score mean ± std (n) | trainable params |" in imdb
+    assert "_Data: offline copy, trained on dev._" in imdb and "_Data:" not in sst2
     assert "![Score vs trainable parameters](figures/score_vs_params.png)" in text
     assert "more than one commit" in text and "abc123 (7 runs), def456 (3 runs)" in text
     assert "the best dev accuracy is full's 0.9200 (n=3)" in text

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import variants
 from lorabench import records, study
 from lorabench.run import ConfigError
 from tests.helpers import shared_data, tiny_sst2
@@ -30,10 +31,25 @@ def test_lint_is_clean():
 
 
 def test_every_config_expands():
-    for name in ("config.yaml", "smoke.yaml"):
-        config = yaml.safe_load((ROOT / "config" / name).read_text())
+    from snakemake.utils import validate
+
+    for path in sorted((ROOT / "config").glob("*.yaml")):
+        if path.name == "schema.yaml":
+            continue
+        config = yaml.safe_load(path.read_text())
+        validate(config, str(ROOT / "config" / "schema.yaml"))
         runs = study.expand(config)
-        assert {run.variant for run in runs} == set(config["variants"])
+        assert {run.variant for run in runs} == set(config["variants"]), path.name
+        assert {run.task for run in runs} == set(config["tasks"]), path.name
+
+
+def test_default_study_covers_every_variant_on_sst2_imdb_and_e2e_and_paper_all_of_glue():
+    default = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    every_variant = set(variants.REGISTRY)
+    assert set(default["tasks"]) == {"sst2", "imdb", "e2e"} and set(default["variants"]) == every_variant
+    assert {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"} <= set(paper["tasks"])
+    assert set(paper["variants"]) == every_variant
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

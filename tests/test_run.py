@@ -153,3 +153,10 @@ def test_zero_steps_scores_the_untrained_model(tmp_path):
     record = run.execute("sst2", "lora", 0, "base", {**SMALL, "max_steps": 0, "save_adapter": False, "data_dir": data}, tmp_path / "b.json")
     assert record["status"] == "ok" and record["train"]["loss_curve"] == [] and record["train"]["timed_steps"] == 0
     assert 0 <= record["eval"]["primary_value"] <= 1
+
+
+def test_epochs_set_the_number_of_steps_from_the_training_set(tmp_path):
+    data = str(tiny_data(tmp_path))
+    record = run.execute("sst2", "lora", 0, "default", {**SMALL, "epochs": 1.5, "save_adapter": False, "data_dir": data}, tmp_path / "e.json")
+    examples = record["run"]["data"]["train"]
+    assert record["train"]["steps"] == -(-3 * examples // (2 * SMALL["batch_size"])) > 0

@@ -200,12 +200,21 @@ def test_trainable_parameter_count_matches_the_formula(variant, make_model):
     assert sum(p.numel() for _, p in adapters.trainable_parameters(model)) == expected
 
 
-def test_rank_larger_than_a_layer_names_the_layer(variant, make_model):
+def test_rank_larger_than_a_layer_names_the_layer(variant, make_model, batch):
+    """Refused before training, naming the layer; a variant whose rank is not bound by the
+    layer's size (VeRA) attaches and trains at that rank instead."""
     if "rank" not in variants.config_fields(variant):
         pytest.skip(f"variant {variant.name} has no rank")
     targets = adapters.find_targets(make_model(), "all-linear")
     smallest = min(min(layer.in_features, layer.out_features) for layer in targets.values())
     rank = smallest + 1
+    if not getattr(variant, "RANK_BOUND_BY_LAYER", True):
+        cfg = config_for(variant, rank=rank)
+        model = attached(make_model, variant, cfg)
+        before = logits(model, batch)
+        train(model, variant, cfg, batch, steps=2)
+        assert torch.isfinite(logits(model, batch)).all() and not torch.equal(logits(model, batch), before)
+        return
     first_too_small = next(name for name, layer in targets.items() if min(layer.in_features, layer.out_features) < rank)
     with pytest.raises(adapters.AdapterError, match=rf"rank={rank}.*{first_too_small.replace('.', '[.]')} "):
         adapters.attach(make_model(), variant, config_for(variant, rank=rank))

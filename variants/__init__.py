@@ -38,6 +38,8 @@ Optional
         (AdaLoRA's final rank per layer), stored as ``params.variant_report``
     ``QUANTIZABLE_BASE = False``   the method reads or writes W, so ``quantize_base`` (QLoRA's
         4-/8-bit frozen base) is refused for it; the docstring says why
+    ``RANK_BOUND_BY_LAYER = False``  the rank may exceed a layer's smaller dimension (VeRA's
+        shared random projections); otherwise such a rank is refused before training
 
 Adding a variant: copy ``_template.py`` to ``<name>.py`` and fill it in. Nothing else.
 """

@@ -17,6 +17,9 @@ Claims
     - A and B are regenerated from the seed, so a saved adapter stores only the vectors
       (the shared matrices are non-persistent buffers).
     - dW = Lambda_b B Lambda_d A merges into W.
+    - The rank is not bounded by a layer's size: the paper's r = 1024 exceeds RoBERTa-base's
+      768, and r = 256 exceeds SmolLM2's 192-wide key and value projections
+      (RANK_BOUND_BY_LAYER = False); dW still has rank at most min(d_in, d_out).
 
 Defaults: r = 256 and d_initial = 0.1 (PEFT's VeraConfig defaults; the paper's section 4
 uses d_init = 0.1 and ranks 256-1024); projection_seed = 0 (PEFT's projection_prng_key).
@@ -34,6 +37,7 @@ from variants import ParamSpec, VariantConfig, zeros
 
 name = "vera"
 IDENTITY_AT_INIT = True
+RANK_BOUND_BY_LAYER = False
 TEST_CONFIG = {"rank": 8}
 TRAIN_DEFAULTS = {"lr": 4e-3}
 
