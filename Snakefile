@@ -39,8 +39,10 @@ RUNS = {run.key: run for run in study.expand(config)}
 RECORDS = [run.record(RESULTS) for run in RUNS.values()]
 ROOT = workflow.basedir
 ENV = f"{ROOT}/workflow/envs/lorabench.yaml"
-ANALYSIS = [f"{ROOT}/analysis/__init__.py", f"{ROOT}/analysis/aggregate.py"]
-TABLES = [f"{RESULTS}/tables/{name}" for name in ("runs.parquet", "runs.csv", "summary.csv", "summary.md", "summary.tex")]
+ANALYSIS = [f"{ROOT}/analysis/__init__.py", f"{ROOT}/analysis/aggregate.py", f"{ROOT}/analysis/extraction.py"]
+TABLES = [f"{RESULTS}/tables/{name}" for name in ("runs.parquet", "runs.csv", "summary.csv", "summary.md", "summary.tex")] + [
+    f"{RESULTS}/tables/{name}.csv" for name in ("extraction_layers", "extraction_spectrum", "extraction_scores", "extraction_overhead")
+]
 
 
 report: "analysis/report/workflow.rst"
@@ -109,6 +111,24 @@ rule plots:
             category="Scores",
         ),
         pdf=f"{RESULTS}/figures/score_vs_params.pdf",
+        rank_png=report(
+            f"{RESULTS}/figures/rank_vs_variance.png",
+            caption="analysis/report/rank_vs_variance.rst",
+            category="Parasitic extraction",
+        ),
+        rank_pdf=f"{RESULTS}/figures/rank_vs_variance.pdf",
+        kept_png=report(
+            f"{RESULTS}/figures/score_vs_rank.png",
+            caption="analysis/report/score_vs_rank.rst",
+            category="Parasitic extraction",
+        ),
+        kept_pdf=f"{RESULTS}/figures/score_vs_rank.pdf",
+        cost_png=report(
+            f"{RESULTS}/figures/overhead_vs_interval.png",
+            caption="analysis/report/overhead_vs_interval.rst",
+            category="Parasitic extraction",
+        ),
+        cost_pdf=f"{RESULTS}/figures/overhead_vs_interval.pdf",
     log:
         f"{RESULTS}/logs/plots.log",
     params:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis import extraction
 from lorabench import records
 
 RUN_KEY = ["task", "variant", "setting", "seed"]
@@ -62,7 +63,7 @@ TIDY_VALUE_COLUMNS = ["metric", "value"]
 COST_COLUMNS = ["trainable", "total", "adapter_mb", "peak_memory_mb", "activation_mb", "tokens_per_s", "samples_per_s", "wall_s"]
 SUMMARY_COLUMNS = [
     *GROUP_KEY, "primary_metric", "eval_split", "n_seeds", "n_failed",
-    "score_mean", "score_std", "score_ci95_t", *COST_COLUMNS, "peak_memory_kind",
+    "score_mean", "score_std", "score_ci95_t", *COST_COLUMNS, "peak_memory_kind", "rank",
 ]  # fmt: skip
 CI_LEVEL = 0.95
 
@@ -137,12 +138,18 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
             "score_std": std,
             "score_ci95_t": half_width,
             "peak_memory_kind": ", ".join(sorted(ok["peak_memory_kind"].dropna().unique())) or None,
+            "rank": _first_number(group["hp_rank"]) if "hp_rank" in group else math.nan,  # the adapter's (none for full)
         }
         row.update({column: ok[column].astype("float64").mean() for column in COST_COLUMNS})
         rows.append(row)
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     summary.attrs["ci"] = f"{CI_LEVEL:.0%} Student t, half-width"
     return sort_runs(summary, GROUP_KEY)
+
+
+def _first_number(column: pd.Series) -> float:
+    numbers = pd.to_numeric(column, errors="coerce").dropna()
+    return float(numbers.iloc[0]) if len(numbers) else math.nan
 
 
 def sort_runs(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -173,6 +180,7 @@ def write_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataF
     summary.to_csv(tables / "summary.csv", index=False)
     (tables / "summary.md").write_text(markdown_table(summary) + "\n")
     (tables / "summary.tex").write_text(latex_table(summary))
+    extraction.write_tables(results_dir)
     return long, summary
 
 

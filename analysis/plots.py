@@ -4,8 +4,9 @@ Figures are built on ``matplotlib.figure.Figure`` directly (rendered by Agg), no
 pyplot, so no global backend or figure registry is touched and callers can inspect the
 returned figure.
 
-``python -m analysis.plots RESULTS_DIR`` reads ``RESULTS_DIR/tables/summary.csv`` and writes
-``RESULTS_DIR/figures/score_vs_params.png`` (150 dpi) and ``score_vs_params.pdf``.
+``python -m analysis.plots RESULTS_DIR`` reads ``RESULTS_DIR/tables/summary.csv`` and the
+extraction tables and writes ``RESULTS_DIR/figures/<name>.png`` (150 dpi) and ``<name>.pdf`` for
+``score_vs_params`` and the extraction figures (``analysis/extraction.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from analysis import extraction
 from analysis.aggregate import VARIANT_ORDER, variant_order
 
 FULL = "full"
@@ -69,14 +71,14 @@ def score_vs_params(summary: pd.DataFrame, out_stem: str | os.PathLike | None = 
             _draw_task(ax, task, summary[summary["task"] == task])
         for ax in axes[max(len(tasks), 1) :]:
             ax.remove()
-        figure.suptitle("Score vs trainable parameters (dashed: full fine-tuning)")
+        figure.suptitle("Score vs trainable parameters (dashed: full fine-tuning; dotted: the untrained model)")
         handles = {}
         for ax in figure.axes:
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(label, handle)
         if handles:
             order = variant_order(summary["variant"])
-            labels = sorted(handles, key=lambda label: (order.index(label.split(" [")[0]), label))
+            labels = sorted(handles, key=lambda label: (order.index(label.split(" [")[0]) if label.split(" [")[0] in order else len(order), label))
             figure.legend([handles[label] for label in labels], labels, loc="outside lower center", ncols=min(len(labels), 5), title="variant (mean over seeds; error bars: 95% t interval)")
     if out_stem is not None:
         save(figure, out_stem)
@@ -94,10 +96,12 @@ def save(figure: Figure, out_stem: str | os.PathLike) -> list[Path]:
 
 
 def write_figures(results_dir: str | os.PathLike, summary: pd.DataFrame | None = None) -> list[Path]:
-    """Every figure under ``results_dir/figures``, from ``summary`` or ``tables/summary.csv``."""
+    """Every figure under ``results_dir/figures``, from ``summary`` (else ``tables/summary.csv``)
+    and the extraction tables under ``tables/``."""
     if summary is None:
         summary = pd.read_csv(Path(results_dir, "tables", "summary.csv"))
-    return save(score_vs_params(summary), Path(results_dir, "figures", "score_vs_params"))
+    paths = save(score_vs_params(summary), Path(results_dir, "figures", "score_vs_params"))
+    return paths + extraction.write_figures(results_dir, extraction.read_tables(results_dir), summary)
 
 
 def score_label(rows: pd.DataFrame) -> str:
@@ -113,7 +117,14 @@ def variant_label(variant: str, setting: str) -> str:
     return variant if setting == "default" else f"{variant} [{setting}]"
 
 
+BASE_SETTING = "base"  # the untrained model (max_steps 0): a reference line, not a point
+
+
 def _draw_task(ax, task: str, rows: pd.DataFrame) -> None:
+    base = rows[rows["setting"] == BASE_SETTING].dropna(subset=["score_mean"])
+    if len(base):
+        ax.axhline(base["score_mean"].iloc[0], color="grey", linestyle=":", linewidth=1.2, label="base model (untrained)")
+    rows = rows[rows["setting"] != BASE_SETTING]
     scored = rows.dropna(subset=["score_mean", "trainable"])
     for row in scored.itertuples(index=False):
         color, marker = variant_style(row.variant)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import extraction
 from analysis.aggregate import BYTES_PER_MB, GROUP_KEY, LOWER_IS_BETTER, markdown_table, runs_from_tidy, write_tables
 from analysis.plots import FULL, score_label, variant_label, write_figures
 
@@ -41,8 +42,9 @@ def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
         write_figures(results, summary)
     else:
         long, summary = read_tables(results)
+    found = extraction.read_tables(results)
     path = results / "report.md"
-    path.write_text(render(long, summary, figure_exists=(results / FIGURE).exists()))
+    path.write_text(render(long, summary, figure_exists=(results / FIGURE).exists(), extracted=found))
     return path
 
 
@@ -57,8 +59,9 @@ def read_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFr
     return pd.read_parquet(tables / "runs.parquet"), pd.read_csv(tables / "summary.csv")
 
 
-def render(table: pd.DataFrame, summary: pd.DataFrame, figure_exists: bool = True) -> str:
-    """The report's Markdown, from the tidy table (or run-level rows) and the summary table."""
+def render(table: pd.DataFrame, summary: pd.DataFrame, figure_exists: bool = True, extracted: dict[str, pd.DataFrame] | None = None) -> str:
+    """The report's Markdown, from the tidy table (or run-level rows), the summary table and the
+    extraction tables (``analysis.extraction``; the section is left out when there are none)."""
     runs = runs_from_tidy(table)
     if runs.empty:
         sections = ["# lorabench report", "No run records under `runs/` yet.", "## Failed runs\n\nnone"]
@@ -69,8 +72,10 @@ def render(table: pd.DataFrame, summary: pd.DataFrame, figure_exists: bool = Tru
             results(summary, metric_means(table), runs),
             figure(figure_exists),
             findings(summary),
-            failed_runs(runs),
         ]
+        if extracted is not None and len(extracted["extraction_overhead"]):
+            sections.append(extraction_section(extracted, summary))
+        sections.append(failed_runs(runs))
     return "\n\n".join(sections) + "\n"
 
 
@@ -225,6 +230,48 @@ def findings(summary: pd.DataFrame) -> str:
                     + "."
                 )
         parts.append(text)
+    return "\n\n".join(parts)
+
+
+def extraction_section(found: dict[str, pd.DataFrame], summary: pd.DataFrame) -> str:
+    """Parasitic extraction: its cost, what the extracted adapters keep, and the three figures,
+    each with a sentence stating what it shows in numbers."""
+    overhead = extraction.overhead_summary(found["extraction_overhead"])
+    kept = extraction.retained(found["extraction_scores"], summary)
+    parts = [
+        "## Parasitic extraction",
+        "Low-rank adapters extracted from full fine-tuning while it trains (`lorabench/extract.py`): at each extraction, "
+        "dW = W_t - W0 of every adapted matrix, its truncated SVD, and the smallest rank whose explained variance "
+        "(relative to the whole ||dW||_F^2) reaches the threshold. Cost: measured seconds against the training loop's, "
+        "FLOPs counted from the matrix shapes against 6 x parameters x tokens.",
+        "### Overhead\n\n" + markdown_table(overhead),
+    ]
+    for task, rows in overhead.groupby("task", sort=True):
+        costs = "; ".join(f"every {row['interval']:g} steps, {row['% of training time']:.2f}% of training time and "
+                          f"{row['% of training FLOPs']:.3f}% of its FLOPs ({row['s per extraction']:.2f} s per extraction)"
+                          for _, row in rows.iterrows())
+        snapshot = rows.iloc[0]
+        parts.append(f"**{task}**: extracting {costs}. W0 snapshot: {snapshot['snapshot']}, {snapshot['snapshot MB copied']:.0f} MB copied.")
+    if len(kept):
+        parts.append("### Score retained at each explained-variance threshold\n\n" + markdown_table(kept))
+        for task, rows in kept.groupby("task", sort=True):
+            best = rows.iloc[(rows["threshold"] - 0.9).abs().argsort().iloc[0]]
+            text = (f"**{task}**: at threshold {best['threshold']:g} the extracted adapter (mean rank {best['mean rank']:.1f}, "
+                    f"{best['trainable params']:,} parameters with the head) keeps {best['retained %']:.1f}% of full fine-tuning's score "
+                    f"({best['extracted score']:.4f} vs {best['full score']:.4f})")
+            if "LoRA score" in rows and pd.notna(best.get("LoRA score")):
+                text += f"; LoRA of the nearest size ({best['LoRA (nearest size)']}) scores {best['LoRA score']:.4f}"
+            parts.append(text + ".")
+    parts += [
+        "### Figures",
+        "![Rank vs explained variance](figures/rank_vs_variance.png)\n\n"
+        "_Left: variance of each layer type's update explained at rank r, at the last extraction. "
+        "Right: the rank the threshold needed at each extraction._",
+        "![Score vs rank](figures/score_vs_rank.png)\n\n"
+        "_Extracted adapters (by rank; by threshold at their mean rank) beside LoRA trained at the same rank; "
+        "dashed: full fine-tuning; dotted: the untrained model._",
+        "![Overhead vs interval](figures/overhead_vs_interval.png)",
+    ]
     return "\n\n".join(parts)
 
 

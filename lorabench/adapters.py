@@ -10,6 +10,7 @@ metadata: loading never unpickles anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,11 @@ class AdapterError(ValueError):
 
 @dataclass
 class Attachment:
-    """What attach() did to a model, kept on it so save/merge/detach can undo or store it."""
+    """What attach() did to a model, kept on it so save/merge/detach can undo or store it.
+
+    ``overrides`` maps a layer name to the config fields that differ there (an extracted
+    adapter's rank per layer, PEFT's ``rank_pattern``); each layer's own config is its
+    ``lora_config``."""
 
     variant: ModuleType
     config: Any
@@ -40,6 +45,7 @@ class Attachment:
     heads: list[str]
     hooks: list[Any] = field(default_factory=list)
     shared: nn.Module | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def task_heads(model: nn.Module) -> list[str]:
@@ -66,9 +72,16 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Lin
     return found
 
 
-def attach(model: nn.Module, variant: ModuleType, cfg: Any, targets: str | list[str] = "all-linear") -> Attachment:
+def attach(
+    model: nn.Module,
+    variant: ModuleType,
+    cfg: Any,
+    targets: str | list[str] = "all-linear",
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Attachment:
     """Freeze the base (unless the variant trains it), add the variant's tensors and hooks.
 
+    ``overrides`` gives some layers other config values (``{"...query": {"rank": 3}}``).
     Everything that can be checked is checked before the model changes; if a variant's own
     initialisation fails midway, the model is restored, so a failed attach changes nothing.
     """
@@ -76,10 +89,12 @@ def attach(model: nn.Module, variant: ModuleType, cfg: Any, targets: str | list[
         raise AdapterError("the model already has an adapter attached; detach() or merge() it first")
     trains_base = getattr(variant, "TRAINS_BASE", False)
     layers = {} if trains_base and not variant.param_specs(1, 1, cfg) else find_targets(model, targets)
+    overrides = {name: dict(values) for name, values in (overrides or {}).items()}
+    layer_configs = _layer_configs(variant, cfg, layers, overrides)
     for layer_name, layer in layers.items():
-        _check_layer(layer_name, layer, variant, cfg)
+        _check_layer(layer_name, layer, variant, layer_configs[layer_name])
 
-    attachment = Attachment(variant, cfg, layers, task_heads(model))
+    attachment = Attachment(variant, cfg, layers, task_heads(model), overrides=overrides)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.lorabench_attachment = attachment
     try:
@@ -87,19 +102,34 @@ def attach(model: nn.Module, variant: ModuleType, cfg: Any, targets: str | list[
             parameter.requires_grad_(trains_base)
         for head in attachment.heads:
             getattr(model, head).requires_grad_(True)
-        for layer in layers.values():
-            _add_tensors(layer, variant, cfg)
+        for layer_name, layer in layers.items():
+            _add_tensors(layer, variant, layer_configs[layer_name])
         if hasattr(variant, "group_init"):
             attachment.shared = _shared_container(model, layers)
             variant.group_init(attachment.shared, layers, cfg)
-        for layer in layers.values():
+        for layer_name, layer in layers.items():
             if hasattr(variant, "init"):
-                variant.init(layer, cfg)
+                variant.init(layer, layer_configs[layer_name])
             attachment.hooks.append(layer.register_forward_hook(_hook(variant), with_kwargs=True))
     except BaseException:
         _undo(model, requires_grad)
         raise
     return attachment
+
+
+def _layer_configs(variant: ModuleType, cfg: Any, layers: dict[str, nn.Linear], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each layer's config: the adapter's, with that layer's overrides applied."""
+    unknown_layers = sorted(set(overrides) - set(layers))
+    if unknown_layers:
+        raise AdapterError(f"overrides name layers that are not targets: {unknown_layers[:3]}")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    configs = {}
+    for name in layers:
+        unknown = sorted(set(overrides.get(name, {})) - fields)
+        if unknown:
+            raise AdapterError(f"overrides for layer {name}: {unknown} are not fields of variants/{variant.name}.py's Config")
+        configs[name] = dataclasses.replace(cfg, **overrides[name]) if name in overrides else cfg
+    return configs
 
 
 def _undo(model: nn.Module, requires_grad: dict[str, bool]) -> None:
@@ -223,7 +253,17 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def save(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+STORAGES = ("float", "int8")
+INT8_SCALE = ".int8_scale"  # suffix of the per-row scale stored beside an int8 matrix
+
+
+def save(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None, storage: str = "float") -> Path:
+    """Write the adapter as safetensors. ``storage="int8"`` stores each adapter matrix as int8
+    with one float32 scale (absmax / 127) per row or column, whichever are fewer (per rank
+    component for LoRA's A and B), about a quarter of float32's bytes; task heads and vectors
+    stay in float. ``load`` dequantizes."""
+    if storage not in STORAGES:
+        raise AdapterError(f"storage={storage!r}: use one of {', '.join(STORAGES)}")
     attachment = attachment_of(model)
     metadata = {
         "format": "lorabench-adapter",
@@ -231,9 +271,13 @@ def save(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | No
         "variant": attachment.variant.name,
         "config": json.dumps(asdict(attachment.config)),
         "targets": json.dumps(list(attachment.layers)),
+        "overrides": json.dumps(attachment.overrides, sort_keys=True),
         **(extra_metadata or {}),
     }
     tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_state(model).items()}
+    metadata["storage"] = storage
+    if storage == "int8":
+        tensors = _to_int8(tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -268,6 +312,7 @@ def load(model: nn.Module, path: str | Path) -> Attachment:
         variant = variants.get(metadata["variant"])
         cfg = variant.Config(**json.loads(metadata["config"]))
         targets = json.loads(metadata["targets"])
+        overrides = json.loads(metadata.get("overrides", "{}"))
     except (KeyError, TypeError, ValueError) as error:
         raise AdapterError(f"{path}: bad adapter metadata ({error})") from error
     missing_layers = sorted(set(targets) - {name for name, _ in model.named_modules()})
@@ -276,11 +321,16 @@ def load(model: nn.Module, path: str | Path) -> Attachment:
     try:
         with safe_open(str(path), framework="pt") as handle:
             stored = {key: handle.get_tensor(key) for key in handle.keys()}
+        if metadata.get("storage", "float") == "int8":
+            stored = _from_int8(stored)
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{path}: corrupt adapter file ({error})") from error
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    attachment = attach(model, variant, cfg, targets=targets or "all-linear")
+    try:
+        attachment = attach(model, variant, cfg, targets=targets or "all-linear", overrides=overrides)
+    except (TypeError, ValueError) as error:
+        raise AdapterError(f"{path}: {error}") from error
     try:
         expected = adapter_state(model)
         missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
@@ -299,3 +349,74 @@ def load(model: nn.Module, path: str | Path) -> Attachment:
             for layer in attachment.layers.values():
                 variant.after_load(layer)
     return attachment
+
+
+def _to_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor.ndim == 2 and tensor.is_floating_point() and ".lora_" in f".{name}":
+            along = 1 if tensor.shape[0] <= tensor.shape[1] else 0
+            scale = tensor.float().abs().amax(dim=along, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+            out[name] = torch.round(tensor.float() / scale).to(torch.int8)
+            out[name + INT8_SCALE] = scale
+        else:
+            out[name] = tensor
+    return out
+
+
+def _from_int8(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in stored.items():
+        if name.endswith(INT8_SCALE):
+            continue
+        scale = stored.get(name + INT8_SCALE)
+        out[name] = tensor.float() * scale if scale is not None else tensor
+    return out
+
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the attached adapter in PEFT's LoRA format (``adapter_model.safetensors`` and
+    ``adapter_config.json``), loadable with ``peft.PeftModel.from_pretrained``.
+
+    Only variants that declare ``PEFT_LORA = True`` (the update is ``(alpha / r) B A`` on an
+    unchanged W) can be exported. Per-layer ranks become ``rank_pattern`` and
+    ``alpha_pattern``; task heads are ``modules_to_save``.
+    """
+    attachment = attachment_of(model)
+    variant = attachment.variant
+    if not getattr(variant, "PEFT_LORA", False):
+        raise AdapterError(f"variant {variant.name!r} is not a plain LoRA update (variants/{variant.name}.py sets no "
+                           "PEFT_LORA = True), so PEFT's LoRA format cannot express it; merge() it instead")
+    cfg = attachment.config
+    tensors = {}
+    for name, layer in attachment.layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    for head in attachment.heads:
+        for key, tensor in getattr(model, head).state_dict().items():
+            tensors[f"base_model.model.{head}.{key}"] = tensor.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if attachment.heads else "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(attachment.layers),
+        "rank_pattern": {name: values["rank"] for name, values in attachment.overrides.items() if "rank" in values},
+        "alpha_pattern": {name: values["alpha"] for name, values in attachment.overrides.items() if "alpha" in values},
+        "modules_to_save": attachment.heads or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
+    (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -125,6 +125,13 @@ def locate(name: str, source: str = "auto") -> str:
     return model.hub_id
 
 
+def checkpoint_folder(name: str, source: str = "auto") -> Path | None:
+    """The local folder ``from_pretrained`` reads for ``name``, or None for a Hub id (its files
+    are in the Hub cache, which the extractor does not memory-map)."""
+    where = Path(locate(name, source))
+    return where if where.is_dir() else None
+
+
 def load_classifier(name: str, num_labels: int, source: str = "auto", dtype: torch.dtype = torch.float32):
     """A sequence-classification model (new head, seeded by the caller) and its tokenizer."""
     return _load(AutoModelForSequenceClassification, name, source, dtype, num_labels=num_labels)

@@ -33,7 +33,7 @@ import yaml
 
 import tasks
 import variants
-from lorabench import adapters, measure, models, quantize, records
+from lorabench import adapters, extract, measure, models, quantize, records
 from lorabench.registry import UnknownNameError
 from lorabench.train import DivergedError, TrainConfig, collate, evaluate, train
 
@@ -50,6 +50,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "truncation": "head",
     "targets": "all-linear",
     "quantize_base": "none",
+    "extract": None,
     "forgetting_tokens": 8192,
     "save_adapter": True,
     "device": "auto",
@@ -67,6 +68,7 @@ ENGINE_HELP = {
     "truncation": "head | head_tail: what of a text longer than max_length is kept",
     "targets": "all-linear, or a list of layer-name suffixes such as [query, value]",
     "quantize_base": "none | nf4 | int8: the frozen base in bitsandbytes 4-bit NF4 (QLoRA) or 8-bit layers",
+    "extract": "full runs: parasitic extraction settings, e.g. {interval: 50, threshold: 0.9} (lorabench/extract.py)",
     "forgetting_tokens": "decoder runs: tokens of the reference text (Shakespeare test) scored before and after (0: skip)",
     "device": "auto | cpu | cuda | cuda:N",
     "threads": "torch CPU threads (0: torch's default)",
@@ -157,6 +159,14 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
     if hparams["truncation"] not in tasks.TRUNCATIONS or (hparams["truncation"] == "head_tail" and (len(task.text_columns) > 1 or task.causal)):
         raise ConfigError(f"truncation={hparams['truncation']!r}: use one of {', '.join(tasks.TRUNCATIONS)} "
                           f"(head_tail for single-text classification only; {task_name} is {task.kind} with {len(task.text_columns)} text column(s))")
+    if hparams["extract"] is not None:
+        if not getattr(variant, "TRAINS_BASE", False):
+            raise ConfigError(f"extract is for full fine-tuning (it extracts adapters from the trained weights); "
+                              f"variant {variant_name} trains an adapter already: drop extract or use variant full")
+        try:
+            extract.ExtractConfig.from_dict(hparams["extract"])
+        except (extract.ExtractConfigError, TypeError) as error:
+            raise ConfigError(str(error)) from error
     if not 0 <= hparams["warmup_ratio"] < 1:
         raise ConfigError(f"warmup_ratio={hparams['warmup_ratio']} must be in [0, 1)")
     try:
@@ -278,6 +288,11 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     if train_cfg.epochs:
         train_cfg.max_steps = math.ceil(train_cfg.epochs * len(encoded["train"]) / (train_cfg.batch_size * train_cfg.grad_accum))
     record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None}
+    extractor = None
+    if hparams["extract"] is not None:
+        warmup = math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps)
+        extractor = extract.Extractor(model, extract.ExtractConfig.from_dict(hparams["extract"]),
+                                      models.checkpoint_folder(hparams["model"], hparams["model_source"]), device, warmup)
     record["run"]["data"] = {name: len(rows) for name, rows in encoded.items()}
 
     print(f"lorabench: training {task_name}/{variant_name} seed {seed}: {len(encoded['train'])} examples, "
@@ -285,10 +300,11 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     measure.reset_peak_memory(device)
     started = time.perf_counter()
     try:
-        record["train"] = train(model, variant, variant_cfg, task, encoded["train"], encoded["val"], train_cfg, tokenizer.pad_token_id, device, seed)
-        metrics = evaluate(model, encoded["eval"], task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)
-        if task.generation_metrics is not None:
-            metrics.update(task.generation_metrics(model, tokenizer, splits["eval"], device, train_cfg.eval_batch_size))
+        loop_started = time.perf_counter()
+        record["train"] = train(model, variant, variant_cfg, task, encoded["train"], encoded["val"], train_cfg, tokenizer.pad_token_id,
+                                device, seed, extractor)
+        loop_seconds = time.perf_counter() - loop_started
+        metrics = score(model, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
         if reference:
             after = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
             metrics["forgetting"] = after - forgetting_before
@@ -311,6 +327,9 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
         record["eval"]["inputs"] = len(set(splits["eval"][task.sample_by]))
     if reference:
         record["eval"]["forgetting"] = forgetting
+    if extractor is not None:
+        record["extraction"] = extraction_section(extractor, model, tokenizer, task, splits, encoded, hparams, train_cfg, device, out,
+                                                  loop_seconds - extractor.seconds, record)
     if hparams["save_adapter"]:
         adapter_path = out.with_suffix(".safetensors")
         adapters.save(model, adapter_path, {"task": task_name, "model": hparams["model"], "seed": str(seed)})
@@ -320,6 +339,56 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records.write_atomic(out, record)
     return record
+
+
+def score(model, tokenizer, task: tasks.Task, rows, examples: list[dict], batch_size: int, device: torch.device) -> dict[str, float]:
+    """Every metric of the task on its eval split (decoders: perplexity, plus generation metrics)."""
+    metrics = evaluate(model, examples, task, tokenizer.pad_token_id, batch_size, device)
+    if task.generation_metrics is not None:
+        metrics.update(task.generation_metrics(model, tokenizer, rows, device, batch_size))
+    return metrics
+
+
+def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hparams, train_cfg, device, out: Path,
+                       train_seconds: float, record: dict) -> dict[str, Any]:
+    """The record's ``extraction``: what each extraction found and cost, then the base model
+    plus the adapters extracted at the last step, scored at each rank and threshold asked for
+    (with the fine-tuned task head, which a new head needs), and the adapter at the run's
+    threshold saved beside the record."""
+    section = extractor.summary(train_seconds, extract.training_flops(record["params"]["total"], record["train"]["tokens"]))
+    if not extractor.last:
+        section["evaluations"] = []
+        return section
+    if task.causal:
+        base, _ = models.load_causal_lm(hparams["model"], hparams["model_source"])
+    else:
+        base, _ = models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
+    base.to(device)
+    for head in adapters.task_heads(base):
+        getattr(base, head).load_state_dict(getattr(tuned, head).state_dict())
+    evaluations = []
+    for kind, value, ranks in extract.adapter_plan(extractor.last, extractor.cfg):
+        extract.attach_extracted(base, extractor.last, ranks)
+        metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+        evaluations.append({"kind": kind, "value": value, "metrics": metrics, "primary_value": metrics[task.primary],
+                            "trainable": measure.parameter_counts(base)["trainable"],
+                            "mean_rank": sum(ranks.values()) / len(ranks),
+                            "ranks": {extract.layer_name(name): rank for name, rank in ranks.items()}})
+        if kind == "threshold" and value == extractor.cfg.threshold and hparams["save_adapter"]:
+            about = {"task": task.name, "model": hparams["model"], "extracted_from": str(out), "threshold": str(value)}
+            path = adapters.save(base, out.with_suffix(".extracted.safetensors"), about)
+            section["adapter_path"], section["adapter_bytes"] = str(path), measure.file_bytes(path)
+            if extractor.cfg.storage == "int8":
+                # What int8 storage costs: the same adapter saved as int8, loaded back and scored.
+                path = adapters.save(base, out.with_suffix(".extracted.int8.safetensors"), about, storage="int8")
+                section["int8_adapter_path"], section["int8_adapter_bytes"] = str(path), measure.file_bytes(path)
+                adapters.detach(base)
+                adapters.load(base, path)
+                metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+                evaluations.append({**evaluations[-1], "kind": "threshold_int8", "metrics": metrics, "primary_value": metrics[task.primary]})
+        adapters.detach(base)
+    section["evaluations"] = evaluations
+    return section
 
 
 def forgetting_reference(task: tasks.Task, tokenizer, hparams: dict[str, Any]) -> list[dict]:

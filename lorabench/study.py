@@ -2,7 +2,8 @@
 
 Every task x variant x setting x seed is one run, except where a setting names the tasks or
 variants it applies to. A run's overrides are layered: ``hparams.all`` < ``hparams.task.<task>``
-< ``hparams.variant.<variant>`` < the setting's ``hparams``. Each run's hyper-parameters are
+< ``hparams.variant.<variant>`` < each ``hparams.where`` entry whose ``tasks`` and ``variants``
+include the run (say, extraction for ``full`` on two tasks only) < the setting's ``hparams``. Each run's hyper-parameters are
 resolved here, when Snakemake reads the Snakefile, so a wrong key or value fails the whole
 DAG at once, naming the config entry, instead of failing one job an hour in.
 """
@@ -44,13 +45,26 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
+def _applies(entry: dict[str, Any], task: str, variant: str) -> bool:
+    return task in entry.get("tasks", [task]) and variant in entry.get("variants", [variant])
+
+
+def _check_names(names: list[str], kind: str, where: str) -> None:
+    registry = tasks.REGISTRY if kind == "tasks" else variants.REGISTRY
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        raise ConfigError(f"config {where}: unknown {kind} {unknown}; known {kind}: {', '.join(registry)}")
+
+
 def expand(config: dict[str, Any]) -> list[Run]:
     """All runs of a study, in a stable order, each with its hyper-parameters checked."""
-    for kind, names, registry in (("tasks", config["tasks"], tasks.REGISTRY), ("variants", config["variants"], variants.REGISTRY)):
-        unknown = [name for name in names if name not in registry]
-        if unknown:
-            raise ConfigError(f"config '{kind}': unknown {unknown}; known {kind}: {', '.join(registry)}")
     hparams = config.get("hparams", {})
+    for kind in ("tasks", "variants"):
+        _check_names(config[kind], kind, f"'{kind}'")
+        for number, entry in enumerate(hparams.get("where", []), start=1):
+            _check_names(entry.get(kind, []), kind, f"'hparams.where' entry {number}")
+        for setting, spec in config["settings"].items():
+            _check_names(spec.get(kind, []), kind, f"setting {setting!r}")
     runs = []
     for setting, spec in config["settings"].items():
         for task in spec.get("tasks", config["tasks"]):
@@ -60,6 +74,7 @@ def expand(config: dict[str, Any]) -> list[Run]:
                     **hparams.get("all", {}),
                     **hparams.get("task", {}).get(task, {}),
                     **hparams.get("variant", {}).get(variant, {}),
+                    **{key: value for entry in hparams.get("where", []) if _applies(entry, task, variant) for key, value in entry["hparams"].items()},
                     **spec.get("hparams", {}),
                 }
                 try:

@@ -171,8 +171,10 @@ def evaluate(model, examples, task, pad_id, batch_size, device) -> dict[str, flo
     return task.score(predictions, labels, [example.get("group") for example in examples])
 
 
-def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: TrainConfig, pad_id: int, device: torch.device, seed: int) -> dict:
-    """Train in place; return the record's ``train`` section (without memory, added by run)."""
+def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: TrainConfig, pad_id: int, device: torch.device, seed: int,
+          extractor=None) -> dict:
+    """Train in place; return the record's ``train`` section (without memory, added by run).
+    An ``extractor`` (lorabench.extract) sees the weights after every step, off the clock."""
     generator = torch.Generator().manual_seed(seed)
     batches = endless_batches(train_examples, cfg, generator)
     optimizer = make_optimizer(model, variant, variant_cfg, cfg)
@@ -210,10 +212,15 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             loss_curve.append([step, round(step_loss, 6)])
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+        score = None
         if cfg.eval_every and val_examples and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             throughput.pause()
             score = evaluate(model, val_examples, task, pad_id, cfg.eval_batch_size, device)[task.val_metric]
             val_curve.append([step, score])
+            throughput.resume()
+        if extractor is not None:
+            throughput.pause()
+            extractor.after_step(step, cfg.max_steps, step_loss, score, higher_is_better=not task.causal)
             throughput.resume()
     progress.close()
     return {"steps": cfg.max_steps, "samples": samples_seen, "tokens": tokens_seen, **throughput.summary(), "loss_curve": loss_curve, "val_curve": val_curve}

@@ -73,6 +73,33 @@ def test_round_trip_restores_tensors_and_outputs(family, tmp_path):
     assert not list(tmp_path.glob("sub/.*.tmp")), "the temporary file was left behind"
 
 
+def test_per_layer_overrides_round_trip_and_merge(tmp_path):
+    model = build_model("bert")
+    names = list(adapters.find_targets(model, "all-linear"))
+    overrides = {names[0]: {"rank": 1, "alpha": 1.0}, names[-1]: {"rank": 6, "alpha": 6.0}}
+    attachment = adapters.attach(model, lora, lora_config(), overrides=overrides)
+    assert attachment.layers[names[0]].lora_A.shape[0] == 1 and attachment.layers[names[-1]].lora_B.shape[1] == 6
+    assert attachment.layers[names[1]].lora_A.shape[0] == 4 and attachment.layers[names[-1]].lora_config.scaling == 1.0
+    with torch.no_grad():
+        for layer in attachment.layers.values():
+            layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    path = adapters.save(model, tmp_path / "ranks.safetensors")
+    fresh = build_model("bert")
+    assert adapters.load(fresh, path).overrides == overrides
+    assert torch.equal(logits(fresh), logits(model))
+    hooked = logits(model)
+    assert torch.allclose(logits(adapters.merge(model)), hooked, atol=1e-5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [({"nowhere": {"rank": 2}}, "not targets"), (None, "not fields")])
+def test_bad_overrides_are_refused_before_the_model_changes(overrides, message):
+    model = build_model("bert")
+    first = next(iter(adapters.find_targets(model, "all-linear")))
+    with pytest.raises(adapters.AdapterError, match=message):
+        adapters.attach(model, lora, lora_config(), overrides=overrides or {first: {"rnak": 2}})
+    assert not hasattr(model, "lorabench_attachment") and all(p.requires_grad for p in model.parameters())
+
+
 def test_saved_file_is_plain_safetensors_without_pickle(saved):
     model, path = saved
     data = path.read_bytes()
@@ -246,3 +273,19 @@ def test_any_module_can_be_imported_first(first):
 
     result = subprocess.run([sys.executable, "-c", f"import {first}, variants; assert len(variants.REGISTRY) > 2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_int8_storage_is_smaller_and_loads_close_to_the_float_adapter(tmp_path):
+    model = trained_lora()
+    full = adapters.save(model, tmp_path / "float.safetensors")
+    small = adapters.save(model, tmp_path / "int8.safetensors", storage="int8")
+    assert small.stat().st_size < 0.6 * full.stat().st_size
+    assert adapters.read_metadata(small)["storage"] == "int8"
+    fresh = build_model("bert")
+    adapters.load(fresh, small)
+    for key, tensor in adapters.adapter_state(model).items():
+        if tensor.ndim == 2 and ".lora_" in key:
+            assert torch.allclose(adapters.adapter_state(fresh)[key], tensor, atol=tensor.abs().max().item() / 254 + 1e-7)
+    torch.testing.assert_close(logits(fresh), logits(model), atol=1e-2, rtol=0)
+    with pytest.raises(adapters.AdapterError, match="storage='fp4'"):
+        adapters.save(model, tmp_path / "x.safetensors", storage="fp4")

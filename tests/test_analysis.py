@@ -197,3 +197,56 @@ def test_report_lists_tables_environment_findings_and_failures(results):
     (results / "report.md").unlink()
     report.main([str(results), "--no-rebuild"])
     assert (results / "report.md").read_text() == text
+
+
+def write_extraction_run(results, interval, evaluations):
+    """A full run on sst2 whose record carries an extraction section with known numbers."""
+    hparams = {"lr": 1e-4, "max_steps": 100}
+    run = {"task": "sst2", "variant": "full", "setting": f"every{interval}", "model": "minilm", "seed": 0, "hparams": hparams,
+           "config_hash": records.config_hash(hparams)}
+    record = records.new_record(run, {"device": "cpu", "threads": 1})
+    layers = {"bert.encoder.layer.0.attention.self.query.weight": {"rank": 4, "explained": 0.92, "norm": 2.0, "explained_at": {"1": 0.5, "4": 0.92}},
+              "bert.encoder.layer.0.output.dense.weight": {"rank": 8, "explained": 0.9, "norm": 3.0, "explained_at": {"1": 0.3, "4": 0.7}}}
+    extractions = [{"step": step, "triggers": ["periodic"], "seconds": 0.5, "flops": 10, "layers": layers} for step in range(interval, 101, interval)]
+    record.update(status="ok", params={"trainable": FULL_PARAMS, "total": FULL_PARAMS}, train={"steps": 100, "wall_s": 60.0},
+                  eval={"split": "dev", "n": 872, "metrics": {"accuracy": 0.9}, "primary": "accuracy", "primary_value": 0.9},
+                  extraction={"config": {"interval": interval, "threshold": 0.9},
+                              "snapshot": {"kind": "mmap", "copied_mb": 0.0, "mapped_mb": 86.0, "seconds": 0.1},
+                              "extractions": extractions,
+                              "overhead": {"seconds": 0.5 * len(extractions), "train_seconds": 50.0, "percent_time": len(extractions),
+                                           "flops": 10 * len(extractions), "train_flops": 1e4, "percent_flops": 0.1 * len(extractions)},
+                              "evaluations": evaluations})
+    records.write_atomic(records.record_path(results, "sst2", "full", f"every{interval}", 0), record)
+
+
+def test_extraction_tables_and_figures_from_known_records(tmp_path):
+    from analysis import extraction
+
+    evaluations = [{"kind": "rank", "value": 4, "primary_value": 0.8, "trainable": 1000, "mean_rank": 4.0, "metrics": {}},
+                   {"kind": "threshold", "value": 0.9, "primary_value": 0.81, "trainable": 2000, "mean_rank": 6.0, "metrics": {}}]
+    write_extraction_run(tmp_path, 50, evaluations)
+    write_extraction_run(tmp_path, 10, [])
+    write_run(tmp_path, "sst2", "lora", 0, 0.85, trainable=2500)
+    found = extraction.write_tables(tmp_path)
+    layers = found["extraction_layers"]
+    assert len(layers) == 2 * (2 + 10) and set(layers["layer_type"]) == {"query", "MLP out"}
+    assert layers.set_index(["setting", "step", "layer_type"]).loc[("every50", 100, "MLP out"), "rank"] == 8
+    spectrum = found["extraction_spectrum"]
+    assert spectrum[(spectrum["setting"] == "every50") & (spectrum["step"] == 50) & (spectrum["layer_type"] == "query")]["explained"].tolist() == [0.5, 0.92]
+    overhead = extraction.overhead_summary(found["extraction_overhead"]).set_index("interval")
+    assert overhead.loc[10, "extractions"] == 10 and overhead.loc[10, "% of training time"] == 10 and overhead.loc[50, "s per extraction"] == 0.5
+    summary = aggregate.summarize(aggregate.tidy(aggregate.load_runs(tmp_path)))
+    kept = extraction.retained(found["extraction_scores"], summary).iloc[0]
+    assert kept["retained %"] == pytest.approx(90.0) and kept["LoRA score"] == 0.85 and kept["mean rank"] == 6.0
+
+    rank_figure = extraction.rank_vs_variance(found["extraction_spectrum"], found["extraction_layers"])
+    left, right = rank_figure.axes[:2]
+    assert left.get_xlabel() == "rank r (log scale)" and right.get_ylabel() == "rank chosen (mean over matrices)"
+    assert len(left.get_lines()) >= 2  # one line per layer type
+    kept_figure = extraction.score_vs_rank(found["extraction_scores"], summary)
+    labels = kept_figure.axes[0].get_legend_handles_labels()[1]
+    assert {"extracted (rank r everywhere)", "LoRA trained at rank r", "full fine-tuning"} <= set(labels)
+    cost_figure = extraction.overhead_vs_interval(found["extraction_overhead"])
+    assert [ax.get_ylabel() for ax in cost_figure.axes[:2]] == ["% of training time", "% of training FLOPs"]
+    for name, figure in {"a": rank_figure, "b": kept_figure, "c": cost_figure}.items():
+        assert all(path.stat().st_size > 0 for path in plots.save(figure, tmp_path / "figures" / name))

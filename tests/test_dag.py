@@ -73,9 +73,11 @@ def test_smoke_dag_end_to_end(tmp_path):
     results = tmp_path / "results"
     stored = records.read_all(results)
     assert sorted((r["run"]["variant"], r["run"]["setting"], r["status"]) for r in stored) == [
-        ("full", "default", "ok"), ("full", "diverges", "failed"), ("lora", "default", "ok")]
+        ("full", "default", "ok"), ("full", "diverges", "failed"), ("lora", "base", "ok"), ("lora", "default", "ok")]
     report = (results / "report.md").read_text()
-    assert "figures/score_vs_params.png" in report and (results / "figures" / "score_vs_params.png").stat().st_size > 0
+    for name in ("score_vs_params", "rank_vs_variance", "score_vs_rank", "overhead_vs_interval"):
+        assert f"figures/{name}.png" in report and (results / "figures" / f"{name}.png").stat().st_size > 0
+    assert "## Parasitic extraction" in report and "### Score retained at each explained-variance threshold" in report
     assert "lora" in report and "full" in report and "DivergedError" in report
     assert (results / "benchmarks" / "train" / "sst2" / "lora" / "default" / "seed0.tsv").exists()
     assert (results / "logs" / "train" / "sst2" / "lora" / "default" / "seed0.log").exists()
@@ -104,3 +106,14 @@ def test_smoke_dag_end_to_end(tmp_path):
     (results / "report.md").unlink()
     dry = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "study.yaml"))
     assert dry.stdout.count("rule train:") == 1 and "runs/sst2/lora/default/seed0.json" in dry.stdout, dry.stdout
+
+
+def test_where_entries_apply_to_the_runs_they_name_and_refuse_unknown_names():
+    config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    config["tasks"] = ["sst2", "imdb"]
+    config["hparams"]["where"] = [{"tasks": ["imdb"], "variants": ["full"], "hparams": {"max_steps": 3}}]
+    steps = {(run.task, run.variant): dict(run.overrides)["max_steps"] for run in study.expand(config)}
+    assert steps == {("sst2", "full"): 8, ("sst2", "lora"): 8, ("imdb", "full"): 3, ("imdb", "lora"): 8}
+    config["hparams"]["where"][0]["tasks"] = ["imbd"]
+    with pytest.raises(ConfigError, match=r"'hparams.where' entry 1: unknown tasks \['imbd'\]"):
+        study.expand(config)

@@ -166,6 +166,22 @@ def test_save_load_reproduces_outputs_exactly(variant, make_model, batch, tmp_pa
         torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=0)
 
 
+def test_peft_export_loads_in_peft_with_the_same_outputs(variant, make_model, batch, tmp_path):
+    """A variant that declares PEFT_LORA exports a folder PEFT loads to the same outputs;
+    any other variant refuses, naming itself."""
+    cfg = config_for(variant)
+    model = attached(make_model, variant, cfg)
+    if not getattr(variant, "PEFT_LORA", False):
+        with pytest.raises(adapters.AdapterError, match=f"variant '{variant.name}'"):
+            adapters.export_peft(model, tmp_path / "peft")
+        return
+    peft = pytest.importorskip("peft")
+    train(model, variant, cfg, batch, steps=3)
+    folder = adapters.export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(make_model(), folder)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-6, rtol=0)
+
+
 def test_merge_matches_the_hooked_model(variant, make_model, batch):
     cfg = config_for(variant)
     model = attached(make_model, variant, cfg)

@@ -38,6 +38,8 @@ Optional
         (AdaLoRA's final rank per layer), stored as ``params.variant_report``
     ``QUANTIZABLE_BASE = False``   the method reads or writes W, so ``quantize_base`` (QLoRA's
         4-/8-bit frozen base) is refused for it; the docstring says why
+    ``PEFT_LORA = True``           the update is LoRA's (alpha / r) B A on an unchanged W, stored
+        as ``lora_A`` and ``lora_B``: ``adapters.export_peft`` writes it in PEFT's LoRA format
     ``RANK_BOUND_BY_LAYER = False``  the rank may exceed a layer's smaller dimension (VeRA's
         shared random projections); otherwise such a rank is refused before training
 

@@ -23,6 +23,7 @@ from variants import ParamSpec, VariantConfig, kaiming_uniform, zeros
 
 name = "lora"
 IDENTITY_AT_INIT = True
+PEFT_LORA = True  # exports to PEFT's LoRA format (adapters.export_peft)
 TEST_CONFIG = {"rank": 4, "alpha": 8.0}
 
 

@@ -35,6 +35,7 @@ from variants import ParamSpec, VariantConfig, kaiming_uniform, lora, zeros
 
 name = "lora_fa"
 IDENTITY_AT_INIT = True
+PEFT_LORA = True  # exports to PEFT's LoRA format (adapters.export_peft)
 TEST_CONFIG = {"rank": 4, "alpha": 8.0}
 PROJECTION_DAMPING = 1e-8  # PEFT's delta added to A A^T before the pseudo-inverse
 

@@ -29,6 +29,7 @@ from variants import VariantConfig, lora
 
 name = "lora_plus"
 IDENTITY_AT_INIT = True
+PEFT_LORA = True  # exports to PEFT's LoRA format (adapters.export_peft)
 TEST_CONFIG = {"rank": 4, "alpha": 8.0}
 TRAIN_DEFAULTS = {"lr": 2.5e-4}
 

@@ -24,6 +24,7 @@ from variants import lora
 
 name = "qlora"
 IDENTITY_AT_INIT = True
+PEFT_LORA = True  # exports to PEFT's LoRA format; PEFT loads it onto its own 4-bit base
 TEST_CONFIG = lora.TEST_CONFIG
 TRAIN_DEFAULTS = {"quantize_base": "nf4"}
 

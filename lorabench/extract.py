@@ -1,0 +1,429 @@
+"""Parasitic extraction: low-rank adapters pulled out of a full fine-tune while it trains.
+
+At trigger points during full fine-tuning, for every targeted weight matrix, take the update
+so far, dW = W_t - W0, its truncated SVD dW ~ U S V^T, and keep the smallest rank r in
+[min_rank, max_rank] whose explained variance
+
+    EV(r) = (s_1^2 + ... + s_r^2) / ||dW||_F^2
+
+reaches ``threshold``. B = U_r sqrt(S_r) and A = sqrt(S_r) V_r^T make B A the best rank-r
+approximation of dW (Eckart-Young), stored as an ordinary LoRA adapter with scale 1 and a rank
+per layer. EV is relative to the whole update's energy ||dW||_F^2, computed exactly, not to the
+top singular values the truncated SVD returned (which would make every layer "explain" 100%
+at max_rank); when max_rank does not reach the threshold, the variance actually explained is
+recorded.
+
+The SVD is randomized (``torch.svd_lowrank``: max_rank + oversample columns, niter power
+iterations) on matrices whose smaller side exceeds ``exact_below``, exact otherwise.
+
+W0 costs no copy where it can be re-read: on CPU, when the base checkpoint is a safetensors
+file holding exactly the loaded weights, W0 is a read-only memory map of that file (the OS
+pages it in and out; the process keeps no second copy). Otherwise W0 is copied once onto the
+training device, so no extraction moves it back and forth. The record states which, and how
+many bytes the snapshot added.
+
+Triggers (``triggers``): ``initial`` (once, at ``initial_step``, by default the end of the
+learning-rate warm-up), ``periodic`` (every ``interval`` steps), ``plateau`` (the relative range
+of the last ``plateau_window`` training losses falls below ``plateau_tolerance``; then not again
+for a window), ``validation`` (the periodic validation score improves on its best so far). The
+last step is always extracted (``final``): that extraction is the adapter the run evaluates.
+
+Cost is measured: seconds (device synchronized before each clock read) against the training
+loop's seconds, and floating-point operations (counted from the matrix shapes, see
+``svd_flops``) against training's, 6 x parameters x tokens (Kaplan et al. 2020).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorabench import measure
+from lorabench.adapters import find_targets
+
+TRIGGERS = ("initial", "periodic", "plateau", "validation")
+SNAPSHOTS = ("auto", "mmap", "copy")
+SAFETENSORS_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16), "F64": (np.float64, None)}
+
+
+class ExtractConfigError(ValueError):
+    """A bad ``extract`` setting; the message names the key and the fix."""
+
+
+@dataclass
+class ExtractConfig:
+    interval: int = 50
+    triggers: tuple[str, ...] = ("periodic",)
+    threshold: float = 0.9
+    min_rank: int = 1
+    max_rank: int = 64
+    targets: str | list[str] = "all-linear"
+    include_embeddings: bool = False
+    oversample: int = 8
+    niter: int = 2
+    exact_below: int = 128
+    initial_step: int = 0  # 0: the end of the learning-rate warm-up
+    plateau_window: int = 20
+    plateau_tolerance: float = 0.05
+    snapshot: str = "auto"
+    storage: str = "float"  # "int8": also save the adapter as int8 and score that copy
+    eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    eval_thresholds: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
+    ev_ranks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64))  # EV recorded at these ranks per layer
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> ExtractConfig:
+        """The ``extract`` hyper-parameter (a mapping; ``svd: {oversample, niter}`` may nest)."""
+        if not isinstance(values, dict):
+            raise ExtractConfigError(f"extract={values!r} must be a mapping such as {{interval: 50, threshold: 0.9}}")
+        flat = {key: value for key, value in values.items() if key != "svd"}
+        svd = values.get("svd") or {}
+        if not isinstance(svd, dict) or set(svd) - {"oversample", "niter", "exact_below"}:
+            raise ExtractConfigError(f"extract.svd={svd!r}: use a mapping with oversample, niter, exact_below")
+        flat.update(svd)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ExtractConfigError(f"extract: unknown keys {unknown}; known: {', '.join(sorted(known | {'svd'}))}")
+        for key in ("triggers", "eval_ranks", "eval_thresholds", "ev_ranks"):
+            if key in flat:
+                if not isinstance(flat[key], (list, tuple)):
+                    raise ExtractConfigError(f"extract.{key}={flat[key]!r} must be a list")
+                flat[key] = tuple(flat[key])
+        cfg = cls(**flat)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        bad_triggers = sorted(set(self.triggers) - set(TRIGGERS))
+        if bad_triggers:
+            raise ExtractConfigError(f"extract.triggers: unknown {bad_triggers}; use any of {', '.join(TRIGGERS)}")
+        if "periodic" in self.triggers and self.interval < 1:
+            raise ExtractConfigError(f"extract.interval={self.interval} must be >= 1 with the periodic trigger")
+        if not 0 < self.threshold <= 1 or not all(0 < t <= 1 for t in self.eval_thresholds):
+            raise ExtractConfigError("extract.threshold and eval_thresholds must lie in (0, 1]")
+        if not 1 <= self.min_rank <= self.max_rank:
+            raise ExtractConfigError(f"extract: need 1 <= min_rank ({self.min_rank}) <= max_rank ({self.max_rank})")
+        if any(r < 1 for r in (*self.eval_ranks, *self.ev_ranks)):
+            raise ExtractConfigError("extract.eval_ranks and ev_ranks must be >= 1")
+        if self.oversample < 0 or self.niter < 0 or self.exact_below < 0 or self.plateau_window < 2 or self.initial_step < 0:
+            raise ExtractConfigError("extract: oversample, niter, exact_below, initial_step must be >= 0 and plateau_window >= 2")
+        if self.storage not in ("float", "int8"):
+            raise ExtractConfigError(f"extract.storage={self.storage!r}: use float or int8")
+        if self.snapshot not in SNAPSHOTS:
+            raise ExtractConfigError(f"extract.snapshot={self.snapshot!r}: use one of {', '.join(SNAPSHOTS)}")
+
+
+# --- the mathematics -------------------------------------------------------------------------
+
+
+@dataclass
+class Spectrum:
+    """The leading singular triplets of one dW and the energy of the whole of it."""
+
+    U: torch.Tensor  # d_out x q
+    S: torch.Tensor  # q
+    V: torch.Tensor  # d_in x q
+    energy: float  # ||dW||_F^2
+
+    def explained(self, rank: int) -> float:
+        """EV(rank), relative to the whole update; 1.0 for an update that is exactly zero."""
+        if self.energy == 0.0:
+            return 1.0
+        return min(1.0, float(self.S[:rank].double().pow(2).sum()) / self.energy)
+
+    def rank_for(self, threshold: float, min_rank: int, max_rank: int) -> tuple[int, float]:
+        """The smallest rank in [min_rank, max_rank] with EV >= threshold, or the largest
+        available when none reaches it; with the EV it explains."""
+        available = min(max_rank, len(self.S))
+        if self.energy == 0.0:
+            return min(min_rank, available), 1.0
+        cumulative = torch.cumsum(self.S[:available].double().pow(2), 0) / self.energy
+        reached = torch.nonzero(cumulative >= threshold - 1e-6)  # float32 singular values: a threshold met to 6 digits is met
+        rank = int(reached[0]) + 1 if len(reached) else available
+        rank = max(rank, min(min_rank, available))
+        return rank, min(1.0, float(cumulative[rank - 1]))
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) with B A the rank-``rank`` truncation: B = U sqrt(S), A = sqrt(S) V^T."""
+        root = self.S[:rank].sqrt()
+        return self.U[:, :rank] * root, (self.V[:, :rank] * root).T
+
+
+def spectrum(delta: torch.Tensor, max_rank: int, oversample: int, niter: int, exact_below: int) -> Spectrum:
+    """Top-``max_rank`` SVD of ``delta`` (float32): exact when the matrix is small or the sketch
+    would be nearly as wide as it, randomized (Halko et al. 2011) otherwise."""
+    delta = delta.float()
+    smaller = min(delta.shape)
+    energy = float(delta.double().pow(2).sum())
+    width = min(max_rank + oversample, smaller)
+    if smaller <= exact_below or width >= smaller:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        V = Vh.T
+    else:
+        U, S, V = torch.svd_lowrank(delta, q=width, niter=niter)
+    keep = min(max_rank, len(S))
+    return Spectrum(U[:, :keep].contiguous(), S[:keep].contiguous(), V[:, :keep].contiguous(), energy)
+
+
+def svd_flops(d_out: int, d_in: int, max_rank: int, oversample: int, niter: int, exact_below: int) -> int:
+    """Floating-point operations of one extraction of a d_out x d_in matrix: the difference and
+    its norm (3 m n), then either the randomized SVD's products with dW (2 (2 niter + 2) m n q)
+    plus its QR and small SVD (about 4 (m + n) q^2 + 22 q^3), or an exact SVD (about
+    4 m n^2 + 22 n^3 with n the smaller side; Golub & Van Loan)."""
+    m, n = max(d_out, d_in), min(d_out, d_in)
+    width = min(max_rank + oversample, n)
+    base = 3 * m * n
+    if n <= exact_below or width >= n:
+        return base + 4 * m * n * n + 22 * n**3
+    return base + 2 * (2 * niter + 2) * m * n * width + 4 * (m + n) * width**2 + 22 * width**3
+
+
+# --- W0 without a copy where possible ------------------------------------------------------------
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a read-only memory map: nothing is read until used."""
+    with path.open("rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] not in SAFETENSORS_DTYPES:
+            continue
+        numpy_dtype, torch_view = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // np.dtype(numpy_dtype).itemsize
+        array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=8 + header_size + start, shape=(count,))
+        array.flags.writeable = False
+        with _quiet_non_writable():
+            tensor = torch.from_numpy(array).reshape(info["shape"])
+        tensors[name] = tensor.view(torch_view) if torch_view is not None else tensor
+    return tensors
+
+
+class _quiet_non_writable:
+    """torch warns that a read-only array may be written through; W0 never is."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+    def __exit__(self, *exc):
+        return self._catch.__exit__(*exc)
+
+
+def _match(parameter_name: str, stored: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The checkpoint tensor of a model parameter: same name, or the name without leading
+    modules (``bert.encoder...`` in the model, ``encoder...`` in a bare encoder checkpoint)."""
+    parts = parameter_name.split(".")
+    for start in range(len(parts)):
+        tensor = stored.get(".".join(parts[start:]))
+        if tensor is not None:
+            return tensor
+    return None
+
+
+@dataclass
+class Snapshot:
+    """W0 of every extracted matrix, and what keeping it cost."""
+
+    weights: dict[str, torch.Tensor]
+    kind: str  # "mmap" or "copy"
+    copied_bytes: int
+    mapped_bytes: int
+    seconds: float
+
+
+def take_snapshot(matrices: dict[str, nn.Parameter], checkpoint: str | Path | None, how: str, device: torch.device) -> Snapshot:
+    """W0 for ``matrices`` (name -> parameter at step 0): memory-mapped from ``checkpoint``
+    when ``how`` allows it, the run is on CPU and every mapped tensor equals the loaded one;
+    else copied once onto ``device``."""
+    started = time.perf_counter()
+    if how in ("auto", "mmap") and device.type == "cpu" and checkpoint is not None:
+        stored: dict[str, torch.Tensor] = {}
+        for path in _safetensors_files(Path(checkpoint)):
+            stored.update(mapped_tensors(path))
+        mapped = {name: _match(name, stored) for name in matrices}
+        if all(tensor is not None and tensor.shape == matrices[name].shape and torch.equal(tensor.to(matrices[name].dtype), matrices[name].detach())
+               for name, tensor in mapped.items()):
+            return Snapshot(mapped, "mmap", 0, sum(t.numel() * t.element_size() for t in mapped.values()), time.perf_counter() - started)
+    if how == "mmap":
+        raise ExtractConfigError(f"extract.snapshot=mmap: the base checkpoint {checkpoint} is not a safetensors file holding "
+                                 "exactly the loaded weights on CPU; use snapshot: auto or copy")
+    copies = {name: parameter.detach().to(device, copy=True) for name, parameter in matrices.items()}
+    return Snapshot(copies, "copy", sum(t.numel() * t.element_size() for t in copies.values()), 0, time.perf_counter() - started)
+
+
+def extraction_matrices(model: nn.Module, cfg: ExtractConfig) -> dict[str, nn.Parameter]:
+    """Weight matrices to extract, by parameter name: the targeted linear layers' (task and LM
+    heads never), plus the embedding tables with ``include_embeddings``."""
+    matrices = {f"{name}.weight": layer.weight for name, layer in find_targets(model, cfg.targets).items()}
+    if cfg.include_embeddings:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Embedding):
+                matrices[f"{name}.weight"] = module.weight
+    return matrices
+
+
+# --- during training ---------------------------------------------------------------------------
+
+
+class Extractor:
+    """Called by the training loop after every optimizer step; decides, extracts, records."""
+
+    def __init__(self, model: nn.Module, cfg: ExtractConfig, checkpoint: str | Path | None, device: torch.device, warmup_steps: int):
+        self.cfg = cfg
+        self.device = device
+        self.matrices = extraction_matrices(model, cfg)
+        self.snapshot = take_snapshot(self.matrices, checkpoint, cfg.snapshot, device)
+        self.initial_step = cfg.initial_step or max(1, warmup_steps)
+        self.losses: list[float] = []
+        self.best_validation: float | None = None
+        self.plateau_quiet_until = 0
+        self.extractions: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self.flops = 0
+        self.last: dict[str, Spectrum] = {}
+
+    def triggers(self, step: int, loss: float, validation: float | None, higher_is_better: bool) -> list[str]:
+        fired = []
+        cfg = self.cfg
+        if "initial" in cfg.triggers and step == self.initial_step:
+            fired.append("initial")
+        if "periodic" in cfg.triggers and step % cfg.interval == 0:
+            fired.append("periodic")
+        self.losses.append(loss)
+        if "plateau" in cfg.triggers and step >= self.plateau_quiet_until and len(self.losses) >= cfg.plateau_window:
+            window = self.losses[-cfg.plateau_window :]
+            scale = abs(sum(window) / len(window)) or 1.0
+            if (max(window) - min(window)) / scale < cfg.plateau_tolerance:
+                fired.append("plateau")
+                self.plateau_quiet_until = step + cfg.plateau_window
+        if validation is not None:
+            improved = self.best_validation is None or (validation > self.best_validation if higher_is_better else validation < self.best_validation)
+            if improved:
+                if "validation" in cfg.triggers and self.best_validation is not None:
+                    fired.append("validation")
+                self.best_validation = validation
+        return fired
+
+    def after_step(self, step: int, max_steps: int, loss: float, validation: float | None = None, higher_is_better: bool = True) -> bool:
+        """Extract when a trigger fires or at the last step; True when it did."""
+        fired = self.triggers(step, loss, validation, higher_is_better)
+        if step == max_steps:
+            fired.append("final")
+        if fired:
+            self.extract(step, fired)
+        return bool(fired)
+
+    @torch.no_grad()
+    def extract(self, step: int, triggers: list[str]) -> dict[str, Any]:
+        cfg = self.cfg
+        measure.synchronize(self.device)
+        started = time.perf_counter()
+        layers, flops = {}, 0
+        for name, parameter in self.matrices.items():
+            w0 = self.snapshot.weights[name]
+            delta = parameter.detach().float() - w0.to(parameter.device, torch.float32)
+            found = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below)
+            self.last[name] = found
+            flops += svd_flops(*delta.shape, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below)
+            layers[name] = found
+        measure.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        self.flops += flops
+        entry = {"step": step, "triggers": triggers, "seconds": seconds, "flops": flops, "layers": {}}
+        for name, found in layers.items():
+            rank, explained = found.rank_for(cfg.threshold, cfg.min_rank, cfg.max_rank)
+            entry["layers"][name] = {
+                "rank": rank,
+                "explained": explained,
+                "norm": math.sqrt(found.energy),
+                "explained_at": {str(r): found.explained(r) for r in cfg.ev_ranks if r <= len(found.S)},
+            }
+        self.extractions.append(entry)
+        return entry
+
+    def summary(self, train_seconds: float, train_flops: float) -> dict[str, Any]:
+        """The record's ``extraction`` section, less the evaluations of the adapters."""
+        return {
+            "config": {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self.cfg).items()},
+            "snapshot": {"kind": self.snapshot.kind, "copied_mb": self.snapshot.copied_bytes / 2**20,
+                         "mapped_mb": self.snapshot.mapped_bytes / 2**20, "seconds": self.snapshot.seconds},
+            "extractions": self.extractions,
+            "overhead": {
+                "seconds": self.seconds,
+                "train_seconds": train_seconds,
+                "percent_time": 100 * self.seconds / train_seconds if train_seconds else None,
+                "flops": self.flops,
+                "train_flops": train_flops,
+                "percent_flops": 100 * self.flops / train_flops if train_flops else None,
+            },
+        }
+
+
+def training_flops(parameters: int, tokens: int) -> float:
+    """6 x parameters x tokens: forward (2) and backward (4) multiply-adds per weight and token."""
+    return 6.0 * parameters * tokens
+
+
+def adapter_plan(spectra: dict[str, Spectrum], cfg: ExtractConfig) -> list[tuple[str, float, dict[str, int]]]:
+    """The adapters to evaluate: (``rank`` or ``threshold``, its value, rank per layer); a rank
+    is capped by what each layer's spectrum holds."""
+    plans = []
+    for rank in cfg.eval_ranks:
+        plans.append(("rank", rank, {name: max(1, min(rank, len(found.S))) for name, found in spectra.items()}))
+    for threshold in cfg.eval_thresholds:
+        plans.append(("threshold", threshold, {name: found.rank_for(threshold, cfg.min_rank, cfg.max_rank)[0] for name, found in spectra.items()}))
+    return plans
+
+
+def layer_name(parameter_name: str) -> str:
+    return parameter_name.removesuffix(".weight")
+
+
+def attach_extracted(model: nn.Module, spectra: dict[str, Spectrum], ranks: dict[str, int], dtype: torch.dtype = torch.float32):
+    """Attach the extracted factors to ``model`` (a base model) as a LoRA adapter with scale 1
+    and one rank per layer; embedding tables, which LoRA's hooks do not adapt, are left out."""
+    import variants
+    from lorabench import adapters
+
+    lora = variants.get("lora")
+    linear = {layer_name(name): found for name, found in spectra.items() if isinstance(model.get_submodule(layer_name(name)), nn.Linear)}
+    top = max(ranks[f"{name}.weight"] for name in linear)
+    cfg = variants.make_config(lora, {"rank": top, "alpha": float(top)})
+    overrides = {name: {"rank": ranks[f"{name}.weight"], "alpha": float(ranks[f"{name}.weight"])} for name in linear if ranks[f"{name}.weight"] != top}
+    attachment = adapters.attach(model, lora, cfg, targets=list(linear), overrides=overrides)
+    missing = set(linear) - set(attachment.layers)
+    if missing:
+        adapters.detach(model)
+        raise adapters.AdapterError(f"extracted layers {sorted(missing)[:3]} are not targets of the base model")
+    with torch.no_grad():
+        for name, found in linear.items():
+            B, A = found.factors(ranks[f"{name}.weight"])
+            layer = attachment.layers[name]
+            layer.lora_B.copy_(B.to(layer.lora_B.device, dtype))
+            layer.lora_A.copy_(A.to(layer.lora_A.device, dtype))
+    return attachment
