@@ -243,7 +243,7 @@ def extraction_section(found: dict[str, pd.DataFrame], summary: pd.DataFrame) ->
         "Low-rank adapters extracted from full fine-tuning while it trains (`lorabench/extract.py`): at each extraction, "
         "dW = W_t - W0 of every adapted matrix, its truncated SVD, and the smallest rank whose explained variance "
         "(relative to the whole ||dW||_F^2) reaches the threshold. Cost: measured seconds against the training loop's, "
-        "FLOPs counted from the matrix shapes against 6 x parameters x tokens.",
+        "FLOPs counted from the matrix shapes against 6 x linear-layer weights x tokens.",
         "### Overhead\n\n" + markdown_table(overhead),
     ]
     for task, rows in overhead.groupby("task", sort=True):

@@ -30,7 +30,7 @@ last step is always extracted (``final``): that extraction is the adapter the ru
 
 Cost is measured: seconds (device synchronized before each clock read) against the training
 loop's seconds, and floating-point operations (counted from the matrix shapes, see
-``svd_flops``) against training's, 6 x parameters x tokens (Kaplan et al. 2020).
+``svd_flops``) against training's, 6 x linear-layer weights x tokens (``training_flops``).
 """
 
 from __future__ import annotations
@@ -384,9 +384,13 @@ class Extractor:
         }
 
 
-def training_flops(parameters: int, tokens: int) -> float:
-    """6 x parameters x tokens: forward (2) and backward (4) multiply-adds per weight and token."""
-    return 6.0 * parameters * tokens
+def training_flops(model: nn.Module, tokens: int) -> float:
+    """6 x N x tokens (Kaplan et al. 2020): forward (2) and backward (4) FLOPs per weight and
+    token, with N the weights of the linear layers (the LM head included, tied or not), the
+    ones every token multiplies; embedding tables are looked up, not multiplied, and attention
+    scores are left out (a few percent at these lengths), so the overhead is if anything overstated."""
+    weights = sum(module.weight.numel() for module in model.modules() if isinstance(module, nn.Linear))
+    return 6.0 * weights * tokens
 
 
 def adapter_plan(spectra: dict[str, Spectrum], cfg: ExtractConfig) -> list[tuple[str, float, dict[str, int]]]:

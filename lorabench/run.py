@@ -355,7 +355,7 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
     plus the adapters extracted at the last step, scored at each rank and threshold asked for
     (with the fine-tuned task head, which a new head needs), and the adapter at the run's
     threshold saved beside the record."""
-    section = extractor.summary(train_seconds, extract.training_flops(record["params"]["total"], record["train"]["tokens"]))
+    section = extractor.summary(train_seconds, extract.training_flops(tuned, record["train"]["tokens"]))
     if not extractor.last:
         section["evaluations"] = []
         return section

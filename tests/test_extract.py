@@ -265,3 +265,10 @@ def test_randomized_svd_is_within_0_01_of_the_exact_one_on_a_real_fine_tunes_upd
         rank, explained = fast.rank_for(cfg.threshold, cfg.min_rank, cfg.max_rank)
         worst = max(worst, abs(explained - exact.explained(rank)))
     assert worst < 0.01, f"largest EV gap {worst:.4f}"
+
+
+def test_training_flops_count_the_linear_weights_every_token_multiplies():
+    model = build_model("bert")
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert extract.training_flops(model, 10) == 60 * linear and embeddings > 0
