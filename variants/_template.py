@@ -73,4 +73,5 @@ def trainable_count(layer_shapes, cfg):
 # Optional hooks (see variants/__init__.py for what each does and when it is called):
 # init(layer, cfg), group_init(shared, layers, cfg), restore(layer), after_load(layer),
 # param_groups(model, lr, cfg), loss_penalty(model), on_step(model, step, max_steps), report(model),
-# TRAIN_DEFAULTS, TRAINS_BASE, RESTORES_BASE_EXACTLY, RELOADS_EXACTLY, QUANTIZABLE_BASE.
+# TRAIN_DEFAULTS, TRAINS_BASE, RESTORES_BASE_EXACTLY, RELOADS_EXACTLY, QUANTIZABLE_BASE,
+# RANK_BOUND_BY_LAYER, PEFT_LORA.
