@@ -31,6 +31,20 @@ def tiny_sst2(folder: Path, repeat: int = 4) -> Path:
     return write_sst2(folder, rows * repeat, rows)
 
 
+def tiny_e2e(folder: Path) -> Path:
+    """E2E's CSV layout with a few meaning representations (two references each), and a short
+    Tiny Shakespeare, the reference text of a decoder run's forgetting."""
+    rows = [(f"name[Place {i}], food[{food}]", f"Place {i} serves {food} food.") for i, food in enumerate(["Thai", "French", "Greek"] * 4)]
+    rows += [(mr, ref.replace("serves", "has")) for mr, ref in rows]
+    body = "mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in rows)
+    (folder / "e2e").mkdir(parents=True, exist_ok=True)
+    for name in ("devset.csv", "testset_w_refs.csv"):
+        (folder / "e2e" / name).write_text(body)
+    (folder / "tinyshakespeare").mkdir(exist_ok=True)
+    (folder / "tinyshakespeare" / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 200)
+    return folder
+
+
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 

@@ -12,13 +12,13 @@ import yaml
 import variants
 from lorabench import records, study
 from lorabench.run import ConfigError
-from tests.helpers import shared_data, tiny_sst2
+from tests.helpers import shared_data, tiny_e2e, tiny_sst2
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def snakemake(workdir: Path, *args: str, snakefile: Path = ROOT / "Snakefile") -> subprocess.CompletedProcess:
-    data = shared_data() or (workdir / "data" if (workdir / "data").exists() else tiny_sst2(workdir / "data", repeat=50))
+    data = shared_data() or (workdir / "data" if (workdir / "data").exists() else tiny_e2e(tiny_sst2(workdir / "data", repeat=50)))
     env = {**os.environ, "LORABENCH_DATA": str(data), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir), *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -65,15 +65,18 @@ def test_bad_config_fails_before_any_job(tmp_path):
 @pytest.mark.slow
 def test_smoke_dag_end_to_end(tmp_path):
     config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
-    config["settings"]["diverges"] = {"variants": ["full"], "hparams": {"lr": 1.0e30, "max_steps": 3}}
+    config["settings"]["diverges"] = {"variants": ["full"], "hparams": {"lr": 1.0e30, "max_steps": 3, "save_adapter": False}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(tmp_path, "--configfile", str(tmp_path / "study.yaml"), "--cores", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     results = tmp_path / "results"
     stored = records.read_all(results)
-    assert sorted((r["run"]["variant"], r["run"]["setting"], r["status"]) for r in stored) == [
-        ("full", "default", "ok"), ("full", "diverges", "failed"), ("lora", "base", "ok"), ("lora", "default", "ok")]
+    assert sorted((r["run"]["task"], r["run"]["variant"], r["run"]["setting"], r["status"]) for r in stored) == [
+        ("e2e", "full", "default", "ok"), ("e2e", "full", "diverges", "failed"), ("e2e", "lora", "base", "ok"), ("e2e", "lora", "default", "ok"),
+        ("sst2", "full", "default", "ok"), ("sst2", "full", "diverges", "failed"), ("sst2", "lora", "base", "ok"), ("sst2", "lora", "default", "ok")]
+    e2e = next(r for r in stored if r["run"]["task"] == "e2e" and r["run"]["setting"] == "default" and r["run"]["variant"] == "lora")
+    assert {"bleu", "rouge_l", "perplexity", "forgetting"} <= set(e2e["eval"]["metrics"]) and e2e["run"]["model"] == "smollm2"
     report = (results / "report.md").read_text()
     for name in ("score_vs_params", "rank_vs_variance", "score_vs_rank", "overhead_vs_interval"):
         assert f"figures/{name}.png" in report and (results / "figures" / f"{name}.png").stat().st_size > 0
