@@ -75,7 +75,7 @@ def score_vs_params(summary: pd.DataFrame, out_stem: str | os.PathLike | None = 
         handles = {}
         for ax in figure.axes:
             for handle, label in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(label, handle)
+                handles.setdefault(label.split(" [")[0], handle)  # one entry per variant: its settings share its marker
         if handles:
             order = variant_order(summary["variant"])
             labels = sorted(handles, key=lambda label: (order.index(label.split(" [")[0]) if label.split(" [")[0] in order else len(order), label))

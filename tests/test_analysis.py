@@ -168,6 +168,9 @@ def test_score_vs_params_labels_axes_and_one_entry_per_variant(summary, tmp_path
     assert sst2.get_ylabel() == "dev accuracy" and sst2.get_xscale() == "log"
     assert len(sst2.containers) == 3 and len(imdb.containers) == 2  # imdb's vera only failed
     assert [text.get_text() for text in figure.legends[0].get_texts()] == ["full", "lora", "vera"]
+    other_setting = summary[summary["variant"] == "lora"].assign(setting="rank4", trainable=150_000)
+    figure = plots.score_vs_params(pd.concat([summary, other_setting], ignore_index=True))
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["full", "lora", "vera"]  # settings share an entry
 
 
 def test_variant_style_is_stable_and_distinct():
