@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,24 +234,11 @@ def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
         count = (end - start) // np.dtype(numpy_dtype).itemsize
         array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=8 + header_size + start, shape=(count,))
         array.flags.writeable = False
-        with _quiet_non_writable():
+        with warnings.catch_warnings():  # torch warns that a read-only array could be written through; W0 never is
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensor = torch.from_numpy(array).reshape(info["shape"])
         tensors[name] = tensor.view(torch_view) if torch_view is not None else tensor
     return tensors
-
-
-class _quiet_non_writable:
-    """torch warns that a read-only array may be written through; W0 never is."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-    def __exit__(self, *exc):
-        return self._catch.__exit__(*exc)
 
 
 def _match(parameter_name: str, stored: dict[str, torch.Tensor]) -> torch.Tensor | None:
