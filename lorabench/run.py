@@ -274,10 +274,7 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record["run"]["data_source"] = source
     if source == "local" and task.local_note:
         record["run"]["data_note"] = task.local_note
-    if task.causal:
-        model, tokenizer = models.load_causal_lm(hparams["model"], hparams["model_source"])
-    else:
-        model, tokenizer = models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
+    model, tokenizer = load_model(task, hparams)
     model.to(device)
     reference = forgetting_reference(task, tokenizer, hparams)
     if reference:
@@ -341,6 +338,13 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     return record
 
 
+def load_model(task: tasks.Task, hparams: dict[str, Any]):
+    """The run's pretrained model and tokenizer: a causal LM for decoder tasks, else a classifier."""
+    if task.causal:
+        return models.load_causal_lm(hparams["model"], hparams["model_source"])
+    return models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
+
+
 def score(model, tokenizer, task: tasks.Task, rows, examples: list[dict], batch_size: int, device: torch.device) -> dict[str, float]:
     """Every metric of the task on its eval split (decoders: perplexity, plus generation metrics)."""
     metrics = evaluate(model, examples, task, tokenizer.pad_token_id, batch_size, device)
@@ -359,10 +363,7 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
     if not extractor.last:
         section["evaluations"] = []
         return section
-    if task.causal:
-        base, _ = models.load_causal_lm(hparams["model"], hparams["model_source"])
-    else:
-        base, _ = models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
+    base, _ = load_model(task, hparams)
     base.to(device)
     for head in adapters.task_heads(base):
         getattr(base, head).load_state_dict(getattr(tuned, head).state_dict())
