@@ -33,8 +33,10 @@ run: $(VENV)/.installed
 smoke: CONFIG = config/smoke.yaml
 smoke: run
 
+# Tables, figures and both reports again from the records already there: no training job.
 report: $(VENV)/.installed
 	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --forcerun aggregate
+	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --report results/report.html
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

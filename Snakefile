@@ -3,6 +3,7 @@
     snakemake                                   # default study (profiles/default applies itself)
     snakemake --configfile config/smoke.yaml    # another study instead of the default one
     snakemake --forcerun aggregate              # rebuild tables, figures and report only
+    snakemake --report results/report.html      # the HTML report, figures by category
 
 Threads, memory and GPUs per job come from the profile; the study (what to run) from config.
 """
@@ -40,7 +41,8 @@ RECORDS = [run.record(RESULTS) for run in RUNS.values()]
 ROOT = workflow.basedir
 ENV = f"{ROOT}/workflow/envs/lorabench.yaml"
 ANALYSIS = [f"{ROOT}/analysis/__init__.py", f"{ROOT}/analysis/aggregate.py", f"{ROOT}/analysis/extraction.py"]
-TABLES = [f"{RESULTS}/tables/{name}" for name in ("runs.parquet", "runs.csv", "summary.csv", "summary.md", "summary.tex")] + [
+SUMMARIES = [f"{RESULTS}/tables/{name}.{ext}" for name in ("summary", "leaderboard", "glue") for ext in ("md", "tex")]
+EXTRACTION_TABLES = [
     f"{RESULTS}/tables/{name}.csv" for name in ("extraction_layers", "extraction_spectrum", "extraction_scores", "extraction_overhead")
 ]
 
@@ -89,11 +91,17 @@ rule aggregate:
         records=RECORDS,
         code=ANALYSIS,
     output:
-        TABLES,
+        runs=f"{RESULTS}/tables/runs.parquet",
+        runs_csv=f"{RESULTS}/tables/runs.csv",
+        leaderboard=f"{RESULTS}/tables/leaderboard.csv",
+        summary=f"{RESULTS}/tables/summary.csv",
+        glue=f"{RESULTS}/tables/glue.csv",
+        renderings=SUMMARIES,
+        extraction=EXTRACTION_TABLES,
     log:
         f"{RESULTS}/logs/aggregate.log",
     params:
-        results=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),
+        results=lambda wildcards, output: os.path.dirname(os.path.dirname(output.runs)),
     conda:
         ENV
     shell:
@@ -102,7 +110,7 @@ rule aggregate:
 
 rule plots:
     input:
-        tables=TABLES,
+        tables=rules.aggregate.output,
         code=ANALYSIS + [f"{ROOT}/analysis/plots.py"],
     output:
         png=report(
@@ -111,6 +119,12 @@ rule plots:
             category="Scores",
         ),
         pdf=f"{RESULTS}/figures/score_vs_params.pdf",
+        ratio_png=report(
+            f"{RESULTS}/figures/cost_vs_full.png",
+            caption="analysis/report/cost_vs_full.rst",
+            category="Costs",
+        ),
+        ratio_pdf=f"{RESULTS}/figures/cost_vs_full.pdf",
         rank_png=report(
             f"{RESULTS}/figures/rank_vs_variance.png",
             caption="analysis/report/rank_vs_variance.rst",
@@ -140,8 +154,9 @@ rule plots:
 
 
 rule report:
+    """The Markdown report; `snakemake --report results/report.html` gives the HTML one."""
     input:
-        tables=TABLES,
+        tables=rules.aggregate.output,
         figures=rules.plots.output,
         code=ANALYSIS + [f"{ROOT}/analysis/report.py"],
     output:

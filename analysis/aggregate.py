@@ -4,8 +4,8 @@ Analysis reads only the run records (``lorabench.records``), never the engine, s
 can be rebuilt anywhere from ``results/runs`` without retraining.
 
 ``python -m analysis.aggregate RESULTS_DIR`` writes into ``RESULTS_DIR/tables``:
-``runs.parquet`` and ``runs.csv`` (the tidy long form), ``summary.csv``, ``summary.md``
-and ``summary.tex``.
+``runs.parquet`` and ``runs.csv`` (the tidy long form), then ``summary``, ``leaderboard`` and
+``glue`` (each as .csv, .md and .tex), then the extraction tables.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,18 @@ VARIANT_ORDER = (
 )  # fmt: skip
 
 # Primary metrics where smaller is better, so "best variant" picks the minimum.
-LOWER_IS_BETTER = frozenset({"loss", "eval_loss", "perplexity", "ppl", "wer", "cer", "ter"})
+LOWER_IS_BETTER = frozenset({"loss", "eval_loss", "perplexity", "ppl", "wer", "cer", "ter", "forgetting"})
+# How tables and axes name the metrics that tasks record; others keep their record name.
+METRIC_NAMES = {
+    "accuracy": "accuracy", "accuracy_matched": "accuracy (matched)", "accuracy_mismatched": "accuracy (mismatched)",
+    "f1": "F1", "matthews_corr": "Matthews corr.", "pearson": "Pearson r", "spearman": "Spearman rho",
+    "bleu": "BLEU", "rouge_l": "ROUGE-L", "perplexity": "perplexity", "forgetting": "forgetting (nats/token)", "loss": "loss",
+}  # fmt: skip
+
+# The GLUE average of Hu et al. (2021) and most LoRA papers: the eight tasks without WNLI,
+# each on its primary metric (CoLA Matthews, STS-B Pearson, MNLI matched, accuracy else).
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
+BASE_SETTING = "base"  # the untrained model (max_steps 0): a reference, never a contender
 
 # Adapter size uses the same MB as peak memory: 2**20 bytes.
 BYTES_PER_MB = 2**20
@@ -47,13 +59,18 @@ TRAIN_FIELDS = [
     "steps", "samples", "tokens", "wall_s", "timed_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "peak_memory_kind",
     "activation_mb",
 ]  # fmt: skip
+# What makes two records' timings and memory incomparable: (run column, name in the report).
+ENVIRONMENT_FIELDS = [
+    ("device", "device"), ("hostname", "host"), ("threads", "threads"), ("python", "python"),
+    ("pkg_torch", "torch"), ("pkg_transformers", "transformers"), ("git_commit", "git commit"),
+]  # fmt: skip
 META_FIELDS = [
     "device", "threads", "hostname", "python", "platform",
     "lorabench_version", "git_commit", "git_dirty", "started_at", "finished_at",
 ]  # fmt: skip
 RUN_COLUMNS = [
     *RUN_FIELDS, *DATA_FIELDS, "status", "error", "trainable", "total", "adapter_mb", *TRAIN_FIELDS,
-    "eval_split", "eval_n", "primary_metric", "primary_value", *META_FIELDS,
+    "eval_split", "eval_n", "primary_metric", "primary_value", *META_FIELDS, "environment",
 ]  # fmt: skip
 COUNT_COLUMNS = ["seed", "trainable", "total", "steps", "samples", "tokens", "eval_n", "threads"]
 FLOAT_COLUMNS = ["adapter_mb", "wall_s", "timed_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "activation_mb", "primary_value"]
@@ -63,7 +80,11 @@ TIDY_VALUE_COLUMNS = ["metric", "value"]
 COST_COLUMNS = ["trainable", "total", "adapter_mb", "peak_memory_mb", "activation_mb", "tokens_per_s", "samples_per_s", "wall_s"]
 SUMMARY_COLUMNS = [
     *GROUP_KEY, "primary_metric", "eval_split", "n_seeds", "n_failed",
-    "score_mean", "score_std", "score_ci95_t", *COST_COLUMNS, "peak_memory_kind", "rank",
+    "score_mean", "score_std", "score_ci95_t", *COST_COLUMNS, "peak_memory_kind", "rank", "environments",
+]  # fmt: skip
+LEADERBOARD_COLUMNS = [
+    "task", "place", "variant", "setting", "primary_metric", "score_mean", "score_ci95_t", "n_seeds",
+    "trainable", "pct_of_full_score", "pct_of_full_params", "pareto",
 ]  # fmt: skip
 CI_LEVEL = 0.95
 
@@ -81,7 +102,31 @@ def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
     for column in extra:
         if column.startswith("hp_"):
             runs[column] = _one_type(runs[column])
+    runs["environment"] = environment_ids(runs)
     return sort_runs(runs, RUN_KEY)
+
+
+def environment_ids(runs: pd.DataFrame) -> pd.Series:
+    """E1, E2, ... per distinct environment (``ENVIRONMENT_FIELDS``), E1 the one with most runs,
+    so records from several machines or commits can be told apart in every table."""
+    fields = [column for column, _ in ENVIRONMENT_FIELDS]
+    if runs.empty:
+        return pd.Series(index=runs.index, dtype=object)
+    keys = runs.reindex(columns=fields).astype("string").fillna("").agg("\x1f".join, axis=1)
+    order = keys.value_counts(sort=False).sort_values(ascending=False, kind="stable").index
+    names = {key: f"E{number}" for number, key in enumerate(order, start=1)}
+    return keys.map(names).astype(object)
+
+
+def environments(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per environment id: its run count and the value of every environment field."""
+    fields = dict(ENVIRONMENT_FIELDS)
+    runs = runs_from_tidy(runs)
+    rows = runs.reindex(columns=[*fields, "environment"]).groupby("environment", sort=False)
+    table = rows[list(fields)].first().rename(columns=fields).astype("string")
+    table.insert(0, "runs", rows.size())
+    table = table.reset_index()
+    return table.sort_values("environment", key=lambda ids: ids.str[1:].astype(int)).reset_index(drop=True)
 
 
 def tidy(runs: pd.DataFrame) -> pd.DataFrame:
@@ -139,6 +184,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
             "score_ci95_t": half_width,
             "peak_memory_kind": ", ".join(sorted(ok["peak_memory_kind"].dropna().unique())) or None,
             "rank": _first_number(group["hp_rank"]) if "hp_rank" in group else math.nan,  # the adapter's (none for full)
+            "environments": "+".join(sorted(group["environment"].dropna().unique(), key=lambda name: int(name[1:]))),
         }
         row.update({column: ok[column].astype("float64").mean() for column in COST_COLUMNS})
         rows.append(row)
@@ -147,20 +193,99 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     return sort_runs(summary, GROUP_KEY)
 
 
+def lower_is_better(metric: str | None) -> bool:
+    return str(metric) in LOWER_IS_BETTER
+
+
+def metric_name(metric: str | None) -> str:
+    return METRIC_NAMES.get(str(metric), str(metric)) if metric is not None else "score"
+
+
+def score_label(rows: pd.DataFrame) -> str:
+    """The y-axis name, e.g. "dev accuracy" or "test BLEU", from the task's eval split and
+    primary metric."""
+    metric = rows["primary_metric"].dropna()
+    split = rows["eval_split"].dropna()
+    if metric.empty:
+        return "score"
+    return f"{split.iloc[0]} {metric_name(metric.iloc[0])}" if len(split) else metric_name(metric.iloc[0])
+
+
+def pareto_front(points: pd.DataFrame, lower_is_better: bool = False) -> pd.Series:
+    """True for the rows no other row beats on both trainable parameters (fewer) and score
+    (better), ties on both counting as no beating; rows missing either are never on it."""
+    valid = points["trainable"].notna() & points["score_mean"].notna()
+    cost = points["trainable"].astype("float64").to_numpy()
+    gain = points["score_mean"].astype("float64").to_numpy() * (-1 if lower_is_better else 1)
+    front = []
+    for i in range(len(points)):
+        dominated = valid & (cost <= cost[i]) & (gain >= gain[i]) & ((cost < cost[i]) | (gain > gain[i]))
+        front.append(bool(valid.iloc[i]) and not dominated.any())
+    return pd.Series(front, index=points.index, dtype=bool)
+
+
+def leaderboard(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per task, every trained variant x setting ranked by mean score (best first), with its
+    share of full fine-tuning's score and parameters and whether it is on the Pareto front of
+    score vs trainable parameters. The untrained base model is left out: it is a reference."""
+    parts = []
+    for task, rows in summary[summary["setting"] != BASE_SETTING].groupby("task", sort=True):
+        rows = rows.dropna(subset=["score_mean"])
+        if rows.empty:
+            continue
+        lower = lower_is_better(rows["primary_metric"].dropna().iloc[0] if rows["primary_metric"].notna().any() else None)
+        rows = rows.sort_values("score_mean", ascending=lower, kind="stable").copy()
+        rows["place"] = range(1, len(rows) + 1)
+        full = rows[(rows["variant"] == "full") & (rows["setting"] == "default")]
+        full = full if len(full) else rows[rows["variant"] == "full"]
+        reference = full.iloc[0] if len(full) else None
+        rows["pct_of_full_score"] = math.nan if reference is None else 100 * rows["score_mean"] / reference["score_mean"]
+        rows["pct_of_full_params"] = math.nan if reference is None else 100 * rows["trainable"] / reference["trainable"]
+        rows["pareto"] = pareto_front(rows, lower)
+        parts.append(rows)
+    board = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+    return board.reindex(columns=LEADERBOARD_COLUMNS).reset_index(drop=True)
+
+
+def glue_average(summary: pd.DataFrame) -> pd.DataFrame:
+    """The GLUE average (x100) per variant x setting that has a score on every task of
+    ``GLUE_TASKS``, with the task scores beside it; empty when no variant has them all."""
+    scores = summary[summary["task"].isin(GLUE_TASKS) & (summary["setting"] != BASE_SETTING)].dropna(subset=["score_mean"])
+    wide = scores.pivot_table(index=["variant", "setting"], columns="task", values="score_mean", observed=True)
+    wide = wide.reindex(columns=list(GLUE_TASKS)).dropna() * 100
+    wide.insert(0, "glue_average", wide.mean(axis=1))
+    wide = wide.reset_index().sort_values("glue_average", ascending=False, kind="stable")
+    return wide.reindex(columns=["variant", "setting", "glue_average", *GLUE_TASKS]).reset_index(drop=True)
+
+
 def _first_number(column: pd.Series) -> float:
     numbers = pd.to_numeric(column, errors="coerce").dropna()
     return float(numbers.iloc[0]) if len(numbers) else math.nan
 
 
 def sort_runs(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Sort by ``keys`` with variants in ``VARIANT_ORDER`` (full first), so tables are stable."""
+    """Sort by ``keys`` with variants in ``VARIANT_ORDER`` (full first) and settings in natural
+    order (base, default, then rank4 before rank16), so tables are stable and read in order."""
 
     def key(column: pd.Series) -> pd.Series:
-        if column.name != "variant":
-            return column
-        return pd.Categorical(column, categories=variant_order(column), ordered=True)
+        if column.name == "variant":
+            return pd.Categorical(column, categories=variant_order(column), ordered=True)
+        if column.name == "setting":
+            return pd.Categorical(column, categories=setting_order(column), ordered=True)
+        return column
 
     return table.sort_values(keys, key=key, kind="stable").reset_index(drop=True)
+
+
+def setting_order(settings) -> list[str]:
+    """base, default, then the others with their numbers compared as numbers."""
+    present = set(settings)
+    first = [name for name in (BASE_SETTING, "default") if name in present]
+    return first + sorted(present - set(first), key=_natural_key)
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(name))]
 
 
 def variant_order(variants) -> list[str]:
@@ -177,9 +302,10 @@ def write_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataF
     summary = summarize(long)
     long.to_parquet(tables / "runs.parquet", index=False)
     long.to_csv(tables / "runs.csv", index=False)
-    summary.to_csv(tables / "summary.csv", index=False)
-    (tables / "summary.md").write_text(markdown_table(summary) + "\n")
-    (tables / "summary.tex").write_text(latex_table(summary))
+    for name, table in {"summary": summary, "leaderboard": leaderboard(summary), "glue": glue_average(summary)}.items():
+        table.to_csv(tables / f"{name}.csv", index=False)
+        (tables / f"{name}.md").write_text(markdown_table(table) + "\n")
+        (tables / f"{name}.tex").write_text(latex_table(table))
     extraction.write_tables(results_dir)
     return long, summary
 
@@ -198,8 +324,9 @@ def format_value(value: Any) -> str:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table; numbers right-aligned (no ``tabulate`` needed)."""
-    numeric = [pd.api.types.is_numeric_dtype(table[column]) for column in table.columns]
+    """A GitHub-flavoured Markdown table; numbers, and text that starts with one ("0.85 (3)"),
+    right-aligned (no ``tabulate`` needed)."""
+    numeric = [_numeric_column(table[column]) for column in table.columns]
     header = "| " + " | ".join(map(str, table.columns)) + " |"
     rule = "|" + "|".join("---:" if is_number else "---" for is_number in numeric) + "|"
     body = [
@@ -207,6 +334,14 @@ def markdown_table(table: pd.DataFrame) -> str:
         for row in table.itertuples(index=False)
     ]
     return "\n".join([header, rule, *body])
+
+
+def _numeric_column(column: pd.Series) -> bool:
+    if pd.api.types.is_numeric_dtype(column):
+        return True
+    cells = column.dropna().astype(str)
+    cells = cells[cells != ""]
+    return bool(len(cells)) and bool(cells.str.match(r"^[-+]?[\d.,]+( |$)").all())
 
 
 def latex_table(table: pd.DataFrame) -> str:

@@ -23,6 +23,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from analysis import aggregate  # score_label only, at call time: aggregate imports this module
 from lorabench import records
 
 # Matrix name -> layer type, first match wins (BERT and Llama names).
@@ -145,8 +146,9 @@ def _grid(names: list[str], ncols: int, width: float, height: float, title: str)
 
 def rank_vs_variance(spectrum: pd.DataFrame, layers: pd.DataFrame) -> Figure:
     """Left: variance explained against rank at the last extraction, per layer type (mean over
-    matrices). Right: the rank the threshold needed at each extraction step, per layer type."""
-    tasks = sorted(spectrum["task"].unique()) or ["no extraction yet"]
+    matrices). Right: the rank the threshold needed at each extraction step, per layer type
+    (bars when the run extracted once). One legend for the whole figure."""
+    tasks = sorted(set(spectrum["task"]) | set(layers["task"])) or ["no extraction yet"]
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
         figure, axes = _grid(tasks, 2, 4.8, 3.4, "How low-rank is full fine-tuning's update?")
         for row, task in enumerate(tasks):
@@ -155,22 +157,53 @@ def rank_vs_variance(spectrum: pd.DataFrame, layers: pd.DataFrame) -> Figure:
             last = rows[rows["step"] == rows["step"].max()]
             if len(last):
                 sns.lineplot(last, x="rank", y="explained", hue="layer_type", style="layer_type", markers=True, dashes=False,
-                             errorbar=None, ax=left)
+                             errorbar=None, ax=left, hue_order=_layer_order(last), style_order=_layer_order(last), legend=False)
             left.set_xscale("log", base=2)
             left.set_ylim(0, 1.02)
             left.set_xlabel("rank r (log scale)")
             left.set_ylabel("variance of dW explained, EV(r)")
             left.set_title(f"{task}: at step {int(last['step'].max()) if len(last) else '-'}")
             chosen = layers[(layers["task"] == task) & (layers["setting"] == _main_setting(layers, task))]
-            if len(chosen):
-                sns.lineplot(chosen, x="step", y="rank", hue="layer_type", style="layer_type", markers=True, dashes=False,
-                             errorbar=None, ax=right, legend=False)
-                right.set_title(f"{task}: rank for EV >= {chosen['threshold'].iloc[0]:g}, over training")
-            right.set_xlabel("training step")
-            right.set_ylabel("rank chosen (mean over matrices)")
-            if left.get_legend() is not None:
-                left.get_legend().set_title("layer type")
+            _draw_chosen_ranks(right, task, chosen)
+        _layer_legend(figure)
     return figure
+
+
+def _layer_order(rows: pd.DataFrame) -> list[str]:
+    order = [kind for kind, _ in LAYER_TYPES] + ["other"]
+    return [kind for kind in order if kind in set(rows["layer_type"])]
+
+
+def _draw_chosen_ranks(ax, task: str, chosen: pd.DataFrame) -> None:
+    """The rank chosen per layer type: lines over the extraction steps, or bars when there is
+    only one extraction (a line of one point says nothing)."""
+    ax.set_ylabel("rank chosen (mean over matrices)")
+    if chosen.empty:
+        ax.set_title(f"{task}: no extraction")
+        return
+    order, threshold = _layer_order(chosen), chosen["threshold"].iloc[0]
+    steps = sorted(chosen["step"].unique())
+    if len(steps) > 1:
+        sns.lineplot(chosen, x="step", y="rank", hue="layer_type", style="layer_type", markers=True, dashes=False,
+                     errorbar=None, ax=ax, hue_order=order, style_order=order)
+        ax.set_xlabel("training step")
+        ax.set_title(f"{task}: rank for EV >= {threshold:g}, over training")
+    else:
+        sns.barplot(chosen, x="layer_type", y="rank", hue="layer_type", order=order, hue_order=order, errorbar=None, ax=ax, legend=False)
+        ax.set_xlabel("layer type")
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.set_title(f"{task}: rank for EV >= {threshold:g} at step {int(steps[0])} (the only extraction)")
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+
+
+def _layer_legend(figure: Figure) -> None:
+    handles = {}
+    for ax in figure.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        figure.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 7), title="layer type")
 
 
 def _main_setting(table: pd.DataFrame, task: str) -> str:
@@ -195,8 +228,7 @@ def score_vs_rank(scores: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             by_threshold = rows[rows["kind"] == "threshold"].groupby("value")[["mean_rank", "score"]].mean()
             ax.plot(by_threshold["mean_rank"], by_threshold["score"], linestyle="none", marker="D", color="#de8f05",
                     label="extracted (EV threshold; x = mean rank)")
-            for threshold, point in by_threshold.iterrows():
-                ax.annotate(f"{threshold:g}", (point["mean_rank"], point["score"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            _label_thresholds(ax, by_threshold)
             lora = _lora_by_rank(summary, task)
             if len(lora):
                 ax.plot(lora.index, lora.values, marker="s", color="#029e73", label="LoRA trained at rank r")
@@ -210,7 +242,7 @@ def score_vs_rank(scores: pd.DataFrame, summary: pd.DataFrame) -> Figure:
                 ax.axhline(base.iloc[0], color="grey", linestyle=":", linewidth=1.2, label="base model (untrained)")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("rank r (log scale)")
-            ax.set_ylabel(f"{rows['primary_metric'].iloc[0] if len(rows) else 'score'}")
+            ax.set_ylabel(aggregate.score_label(task_summary) if len(task_summary) else "score")
             ax.set_title(task)
         handles = {}
         for ax in axes:
@@ -219,6 +251,16 @@ def score_vs_rank(scores: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         if handles:
             figure.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=2)
     return figure
+
+
+def _label_thresholds(ax, by_threshold: pd.DataFrame) -> None:
+    """Each threshold's label near the bottom of the panel under its diamond, one step higher
+    per diamond to its left, with a thin leader line: labels of nearby thresholds never overlap
+    each other, and the curves, which sit high, stay clear."""
+    for index, (threshold, point) in enumerate(by_threshold.sort_values("mean_rank").iterrows()):
+        ax.annotate(f"EV {threshold:g}", (point["mean_rank"], point["score"]), xytext=(point["mean_rank"], 0.05 + 0.07 * index),
+                    textcoords=ax.get_xaxis_transform(), ha="center", fontsize=7, color="#8c5a00",
+                    arrowprops={"arrowstyle": "-", "color": "#de8f05", "linewidth": 0.5, "shrinkA": 0, "shrinkB": 3})
 
 
 def _lora_by_rank(summary: pd.DataFrame, task: str) -> pd.Series:

@@ -6,7 +6,7 @@ returned figure.
 
 ``python -m analysis.plots RESULTS_DIR`` reads ``RESULTS_DIR/tables/summary.csv`` and the
 extraction tables and writes ``RESULTS_DIR/figures/<name>.png`` (150 dpi) and ``<name>.pdf`` for
-``score_vs_params`` and the extraction figures (``analysis/extraction.py``).
+``score_vs_params``, ``cost_vs_full`` and the extraction figures (``analysis/extraction.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from analysis import extraction
-from analysis.aggregate import VARIANT_ORDER, variant_order
+from analysis.aggregate import BASE_SETTING, VARIANT_ORDER, lower_is_better, pareto_front, score_label, variant_order
 
 FULL = "full"
 DPI = 150
@@ -71,18 +71,74 @@ def score_vs_params(summary: pd.DataFrame, out_stem: str | os.PathLike | None = 
             _draw_task(ax, task, summary[summary["task"] == task])
         for ax in axes[max(len(tasks), 1) :]:
             ax.remove()
-        figure.suptitle("Score vs trainable parameters (dashed: full fine-tuning; dotted: the untrained model)")
-        handles = {}
-        for ax in figure.axes:
-            for handle, label in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(label.split(" [")[0], handle)  # one entry per variant: its settings share its marker
-        if handles:
-            order = variant_order(summary["variant"])
-            labels = sorted(handles, key=lambda label: (order.index(label.split(" [")[0]) if label.split(" [")[0] in order else len(order), label))
-            figure.legend([handles[label] for label in labels], labels, loc="outside lower center", ncols=min(len(labels), 5), title="variant (mean over seeds; error bars: 95% t interval)")
+        figure.suptitle("Score vs trainable parameters (dashed: full fine-tuning; dotted: the untrained model; grey steps: Pareto front)")
+        variant_legend(figure, summary["variant"], "variant (mean over seeds; error bars: 95% t interval)")
     if out_stem is not None:
         save(figure, out_stem)
     return figure
+
+
+def variant_legend(figure: Figure, variants: pd.Series, title: str) -> None:
+    """One figure legend below the panels, one entry per variant in ``VARIANT_ORDER`` (a
+    variant's settings share its colour and marker), then the reference lines."""
+    handles = {}
+    for ax in figure.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label.split(" [")[0], handle)
+    if not handles:
+        return
+    order = variant_order(variants)
+    labels = sorted(handles, key=lambda label: (order.index(label) if label in order else len(order), label))
+    figure.legend([handles[label] for label in labels], labels, loc="outside lower center", ncols=min(len(labels), 5), title=title)
+
+
+# Costs that ``cost_vs_full`` puts against full fine-tuning's: (summary column, axis label).
+COST_RATIOS = (
+    ("peak_memory_mb", "peak memory / full's"),
+    ("activation_mb", "activation memory / full's"),
+    ("tokens_per_s", "training tokens/s / full's"),
+)
+
+
+def cost_vs_full(summary: pd.DataFrame, out_stem: str | os.PathLike | None = None) -> Figure:
+    """Peak memory, saved activations and training throughput of each variant as a multiple of
+    full fine-tuning's on the same task: one row of panels per task, one bar per variant x
+    setting in the variant's colour, its marker at the bar's end; 1 (full) is a dashed line."""
+    trained = summary[(summary["setting"] != BASE_SETTING) & (summary["variant"] != FULL)]
+    tasks = sorted(summary["task"].unique()) or ["no runs yet"]
+    bars = max([len(trained[trained["task"] == task]) for task in tasks] + [1])
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        figure = Figure(figsize=(4.0 * len(COST_RATIOS), (0.22 * bars + 1.3) * len(tasks) + 1.4), layout="constrained")
+        axes = figure.subplots(len(tasks), len(COST_RATIOS), squeeze=False)
+        figure.suptitle("Cost relative to full fine-tuning on the same task (dashed: full = 1; memory: less is better; tokens/s: more is better)")
+        for row, task in enumerate(tasks):
+            rows = trained[trained["task"] == task]
+            full = summary[(summary["task"] == task) & (summary["variant"] == FULL) & (summary["setting"] == "default")]
+            for ax, (column, label) in zip(axes[row], COST_RATIOS):
+                reference = full[column].iloc[0] if len(full) else math.nan
+                _draw_ratios(ax, rows, column, reference)
+                ax.set_xlabel(f"{label} (x)")
+                ax.set_title(task if pd.notna(reference) and reference > 0 else f"{task}: no full run to compare with")
+        variant_legend(figure, trained["variant"], "variant")
+    if out_stem is not None:
+        save(figure, out_stem)
+    return figure
+
+
+def _draw_ratios(ax, rows: pd.DataFrame, column: str, reference: float) -> None:
+    labels = [variant_label(v, s) for v, s in zip(rows["variant"], rows["setting"])]
+    ratios = rows[column].astype("float64") / reference if pd.notna(reference) and reference > 0 else rows[column] * math.nan
+    for position, (row, ratio, label) in enumerate(zip(rows.itertuples(index=False), ratios, labels)):
+        if pd.isna(ratio):
+            continue
+        color, marker = variant_style(row.variant)
+        ax.barh(position, ratio, color=color, alpha=0.35, height=0.7)
+        ax.plot(ratio, position, marker=marker, color=color, markeredgecolor="white", markeredgewidth=0.6, linestyle="none", label=label)
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(labels)), labels)
+    if labels:
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlim(left=0)
 
 
 def save(figure: Figure, out_stem: str | os.PathLike) -> list[Path]:
@@ -101,23 +157,14 @@ def write_figures(results_dir: str | os.PathLike, summary: pd.DataFrame | None =
     if summary is None:
         summary = pd.read_csv(Path(results_dir, "tables", "summary.csv"))
     paths = save(score_vs_params(summary), Path(results_dir, "figures", "score_vs_params"))
+    paths += save(cost_vs_full(summary), Path(results_dir, "figures", "cost_vs_full"))
     return paths + extraction.write_figures(results_dir, extraction.read_tables(results_dir), summary)
 
 
-def score_label(rows: pd.DataFrame) -> str:
-    """The y-axis name, e.g. "dev accuracy", from the task's eval split and primary metric."""
-    metric = rows["primary_metric"].dropna()
-    split = rows["eval_split"].dropna()
-    if metric.empty:
-        return "score"
-    return f"{split.iloc[0]} {metric.iloc[0]}" if len(split) else str(metric.iloc[0])
-
-
 def variant_label(variant: str, setting: str) -> str:
+    if setting == BASE_SETTING:
+        return "base model (untrained)"
     return variant if setting == "default" else f"{variant} [{setting}]"
-
-
-BASE_SETTING = "base"  # the untrained model (max_steps 0): a reference line, not a point
 
 
 def _draw_task(ax, task: str, rows: pd.DataFrame) -> None:
@@ -144,6 +191,7 @@ def _draw_task(ax, task: str, rows: pd.DataFrame) -> None:
         )
         if row.variant == FULL:
             ax.axhline(row.score_mean, color=color, linestyle="--", linewidth=1)
+    _draw_pareto_front(ax, scored)
     unscored = rows[~rows.index.isin(scored.index)]
     names = ", ".join(variant_label(v, s) for v, s in zip(unscored["variant"], unscored["setting"]))
     ax.set_title(f"{task}\n(no successful run: {names})" if names else task)
@@ -151,6 +199,16 @@ def _draw_task(ax, task: str, rows: pd.DataFrame) -> None:
     ax.margins(x=0.12, y=0.12)
     ax.set_xlabel("trainable parameters (count, log scale)")
     ax.set_ylabel(score_label(rows))
+
+
+def _draw_pareto_front(ax, scored: pd.DataFrame) -> None:
+    """A grey step line through the points no other beats on both parameters and score."""
+    if scored.empty:
+        return
+    lower = lower_is_better(scored["primary_metric"].dropna().iloc[0] if scored["primary_metric"].notna().any() else None)
+    front = scored[pareto_front(scored, lower)].sort_values("trainable")
+    if len(front) > 1:
+        ax.step(front["trainable"], front["score_mean"], where="post", color="grey", linewidth=1, alpha=0.7, zorder=0)
 
 
 def main(argv: list[str] | None = None) -> None:

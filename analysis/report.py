@@ -1,4 +1,6 @@
-"""The Markdown report: environment, a results table per task, the figure, what it shows, failures.
+"""The Markdown report: the study, its environments, a leaderboard and a results table per
+task, the GLUE average, every figure with a paragraph of what it shows in numbers, failures,
+and the hyper-parameters that differ between runs.
 
 ``python -m analysis.report RESULTS_DIR`` rebuilds tables and figures from the run records,
 then writes ``RESULTS_DIR/report.md``. With ``--no-rebuild`` it reads the tables and figures
@@ -11,27 +13,37 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
 from analysis import extraction
-from analysis.aggregate import BYTES_PER_MB, GROUP_KEY, LOWER_IS_BETTER, markdown_table, runs_from_tidy, write_tables
-from analysis.plots import FULL, score_label, variant_label, write_figures
+from analysis.aggregate import (
+    BASE_SETTING,
+    BYTES_PER_MB,
+    ENVIRONMENT_FIELDS,
+    GLUE_TASKS,
+    GROUP_KEY,
+    environments,
+    glue_average,
+    leaderboard,
+    lower_is_better,
+    markdown_table,
+    metric_name,
+    runs_from_tidy,
+    score_label,
+    write_tables,
+)
+from analysis.plots import COST_RATIOS, FULL, variant_label, write_figures
 
 FIGURE = "figures/score_vs_params.png"
-# (run column, name in the report); machines and commits are what make numbers incomparable.
-ENVIRONMENT_FIELDS = [
-    ("device", "device"),
-    ("hostname", "host"),
-    ("threads", "threads"),
-    ("python", "python"),
-    ("pkg_torch", "torch"),
-    ("pkg_transformers", "transformers"),
-    ("git_commit", "git commit"),
-]
+COST_FIGURE = "figures/cost_vs_full.png"
 MACHINE_NAMES = {"device", "host", "threads"}
 SOFTWARE_NAMES = {"python", "torch", "transformers"}
+# Below this share of the way from the untrained model to full fine-tuning, a variant is said
+# not to have learnt the task in the study's budget.
+LEARNT_FRACTION = 0.1
 
 
 def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
@@ -44,7 +56,8 @@ def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
         long, summary = read_tables(results)
     found = extraction.read_tables(results)
     path = results / "report.md"
-    path.write_text(render(long, summary, figure_exists=(results / FIGURE).exists(), extracted=found))
+    figures = {name for name in (FIGURE, COST_FIGURE) if (results / name).exists()}
+    path.write_text(render(long, summary, figures=figures, extracted=found))
     return path
 
 
@@ -59,50 +72,69 @@ def read_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFr
     return pd.read_parquet(tables / "runs.parquet"), pd.read_csv(tables / "summary.csv")
 
 
-def render(table: pd.DataFrame, summary: pd.DataFrame, figure_exists: bool = True, extracted: dict[str, pd.DataFrame] | None = None) -> str:
-    """The report's Markdown, from the tidy table (or run-level rows), the summary table and the
-    extraction tables (``analysis.extraction``; the section is left out when there are none)."""
+def render(
+    table: pd.DataFrame,
+    summary: pd.DataFrame,
+    figures: set[str] | frozenset[str] = frozenset({FIGURE, COST_FIGURE}),
+    extracted: dict[str, pd.DataFrame] | None = None,
+) -> str:
+    """The report's Markdown, from the tidy table (or run-level rows), the summary table, the
+    figures that exist (paths relative to the results folder) and the extraction tables
+    (``analysis.extraction``; that section is left out when there are none)."""
     runs = runs_from_tidy(table)
     if runs.empty:
-        sections = ["# lorabench report", "No run records under `runs/` yet.", "## Failed runs\n\nnone"]
-    else:
-        sections = [
-            header(runs),
-            environment(runs),
-            results(summary, metric_means(table), runs),
-            figure(figure_exists),
-            findings(summary),
-        ]
-        if extracted is not None and len(extracted["extraction_overhead"]):
-            sections.append(extraction_section(extracted, summary))
-        sections.append(failed_runs(runs))
-    return "\n\n".join(sections) + "\n"
+        return "\n\n".join(["# lorabench report", "No run records under `runs/` yet.", "## Failed runs\n\nnone"]) + "\n"
+    sections = [
+        header(runs),
+        environment(runs),
+        leaderboards(summary),
+        glue_section(summary),
+        score_figure(FIGURE in figures),
+        findings(summary),
+        cost_figure(COST_FIGURE in figures),
+        cost_findings(summary),
+        results(summary, metric_means(table), runs),
+    ]
+    if extracted is not None and len(extracted["extraction_overhead"]):
+        sections.append(extraction_section(extracted, summary))
+    sections += [failed_runs(runs), hyperparameters(runs)]
+    return "\n\n".join(section for section in sections if section) + "\n"
 
 
 def header(runs: pd.DataFrame) -> str:
+    """What was run: counts, and per task the model, the reported split and the seeds."""
     failed = int((runs["status"] == "failed").sum())
     finished = runs["finished_at"].dropna()
     span = f", finished between {finished.min()} and {finished.max()}" if len(finished) else ""
-    return (
+    lines = [
         f"# lorabench report\n\n{len(runs)} runs ({len(runs) - failed} ok, {failed} failed) over "
-        f"{_count(runs['task'].nunique(), 'task')} and {_count(runs['variant'].nunique(), 'variant')}{span}."
-    )
+        f"{_count(runs['task'].nunique(), 'task')} and {_count(runs['variant'].nunique(), 'variant')}{span}.",
+        "",
+    ]
+    for task, rows in runs.groupby("task", sort=True):
+        models = ", ".join(sorted(rows["model"].dropna().astype(str).unique()))
+        settings = ", ".join(s for s in pd.unique(rows["setting"]) if s not in ("default", BASE_SETTING))
+        scored = rows.dropna(subset=["eval_split"])
+        split = f"{scored['eval_split'].iloc[0]} split, {int(scored['eval_n'].max()):,} examples" if len(scored) and scored["eval_n"].notna().any() else "no score yet"
+        lines.append(
+            f"- **{task}**: {models}; {_count(rows['variant'].nunique(), 'variant')}, {_seeds(rows['seed'])}; "
+            f"scored on the {split}" + (f"; other settings: {settings}" if settings else "")
+        )
+    lines += ["", "Hyper-parameters that differ between runs are listed at the end."]
+    return "\n".join(lines)
 
 
 def environment(runs: pd.DataFrame) -> str:
-    """Where the records come from; values that differ between records are listed with counts."""
-    lines, varying = ["## Environment", ""], []
-    for column, name in ENVIRONMENT_FIELDS:
-        values = runs[column].dropna().astype(str) if column in runs else pd.Series(dtype=str)
-        counts = values.value_counts()
-        if counts.empty:
-            lines.append(f"- {name}: not recorded")
-        elif len(counts) == 1:
-            lines.append(f"- {name}: {counts.index[0]}")
-        else:
-            varying.append(name)
-            listed = ", ".join(f"{value} ({count} runs)" for value, count in counts.items())
-            lines.append(f"- {name}: **{len(counts)} distinct values**: {listed}")
+    """Where the records come from. When they come from more than one environment (machine,
+    software or commit), each gets an id (E1, E2, ...) that the results tables show per row."""
+    table = environments(runs)
+    names = [name for _, name in ENVIRONMENT_FIELDS]
+    varying = [name for name in names if table[name].nunique(dropna=False) > 1]
+    lines = ["## Environment", ""]
+    for name in names:
+        if name not in varying:
+            value = table[name].iloc[0] if len(table) else None
+            lines.append(f"- {name}: {'not recorded' if pd.isna(value) else value}")
     dirty = int(runs["git_dirty"].fillna(False).astype(bool).sum())
     if dirty:
         lines.append(f"- uncommitted changes in the working tree for {dirty} of {len(runs)} runs")
@@ -114,12 +146,61 @@ def environment(runs: pd.DataFrame) -> str:
             where.append("more than one commit")
         if SOFTWARE_NAMES.intersection(varying):
             where.append("more than one software version")
+        shown = table[["environment", "runs", *varying]].copy()
+        if "git commit" in varying:
+            shown["git commit"] = shown["git commit"].str[:12]
         lines += [
             "",
-            f"**Note:** these records come from {' and '.join(where)} (differing: {', '.join(varying)}); "
-            + "compare timings and memory across them with care.",
+            f"**These records come from {' and '.join(where)}** (differing: {', '.join(varying)}). "
+            + "Each results row names the environments of its runs (column `env`); compare timings and memory "
+            + "only between rows of the same environment.",
+            "",
+            markdown_table(shown),
         ]
     return "\n".join(lines)
+
+
+def leaderboards(summary: pd.DataFrame) -> str:
+    """Per task, the trained variants best first, against full fine-tuning."""
+    board = leaderboard(summary)
+    if board.empty:
+        return ""
+    parts = [
+        "## Leaderboard",
+        "Mean score over seeds, best first (95% CI: Student t half-width, blank with one seed); "
+        "% of full: of full fine-tuning's score and trainable parameters; Pareto: no other run scores better "
+        "with as few trainable parameters.",
+    ]
+    for task, rows in board.groupby("task", sort=True):
+        scale = _scale(summary.loc[summary["task"] == task, "score_mean"])
+        table = pd.DataFrame({
+            "#": rows["place"].to_numpy(),
+            "variant": [variant_label(v, s) for v, s in zip(rows["variant"], rows["setting"])],
+            metric_name(rows["primary_metric"].iloc[0]): [score_text(value, scale) for value in rows["score_mean"]],
+            "95% CI ±": [score_text(value, scale) for value in rows["score_ci95_t"]],
+            "seeds": rows["n_seeds"].to_numpy(),
+            "trainable params": rows["trainable"].round().astype("Int64").to_numpy(),
+            "% of full score": rows["pct_of_full_score"].round(1).to_numpy(),
+            "% of full params": rows["pct_of_full_params"].to_numpy(),
+            "Pareto": ["yes" if on_front else "" for on_front in rows["pareto"]],
+        })
+        parts.append(f"### {task}\n\n{markdown_table(table)}")
+    return "\n\n".join(parts)
+
+
+def glue_section(summary: pd.DataFrame) -> str:
+    """The GLUE average where a variant has every GLUE task, else what it lacks."""
+    present = sorted(set(summary["task"]) & set(GLUE_TASKS))
+    if not present:
+        return ""
+    table = glue_average(summary)
+    title = "## GLUE average"
+    rule = f"Mean of the primary scores x 100 on {', '.join(GLUE_TASKS)} (WNLI left out, as in Hu et al. 2021)."
+    if table.empty:
+        missing = ", ".join(task for task in GLUE_TASKS if task not in present)
+        return f"{title}\n\n{rule} Not computed: no variant has all of them; this study lacks {missing}."
+    table.insert(0, "variant", [variant_label(v, s) for v, s in zip(table.pop("variant"), table.pop("setting"))])
+    return f"{title}\n\n{rule}\n\n{markdown_table(table.round(2))}"
 
 
 def results(summary: pd.DataFrame, metrics: pd.DataFrame | None = None, runs: pd.DataFrame | None = None) -> str:
@@ -127,7 +208,8 @@ def results(summary: pd.DataFrame, metrics: pd.DataFrame | None = None, runs: pd
     of each variant, and where the data came from when that qualifies the scores."""
     kinds = ", ".join(sorted(summary["peak_memory_kind"].dropna().unique())) or "not recorded"
     parts = [
-        "## Results",
+        "## Results per task",
+        "Every variant and setting in variant order. "
         "Score: mean ± sample standard deviation over successful seeds (n); other metrics and costs: means over the "
         + f"same seeds. MB = {BYTES_PER_MB:,} bytes. Peak memory kind: {kinds}. Activation MB: what autograd keeps "
         + "for the backward pass of the longest training batch, exact on any device.",
@@ -136,25 +218,29 @@ def results(summary: pd.DataFrame, metrics: pd.DataFrame | None = None, runs: pd
         table = pd.DataFrame(
             {
                 "variant": [variant_label(v, s) for v, s in zip(rows["variant"], rows["setting"])],
-                "score mean ± std (n)": [score_cell(row) for row in rows.itertuples(index=False)],
+                "score mean ± std (n)": [score_cell(row, _scale(rows["score_mean"])) for row in rows.itertuples(index=False)],
             }
         )
+        if summary["environments"].nunique() > 1:
+            table.insert(1, "env", rows["environments"].to_numpy())
         if metrics is not None and len(metrics):
             extra = rows[GROUP_KEY].merge(metrics, on=GROUP_KEY, how="left").drop(columns=GROUP_KEY)
             for metric in extra.columns:
                 if extra[metric].notna().any() and metric not in set(rows["primary_metric"].dropna()):
                     table[metric] = extra[metric].to_numpy()
+        trained = (rows["setting"] != BASE_SETTING).to_numpy()  # the untrained model has no adapter nor training costs
         table = table.assign(
             **{
-                "trainable params": rows["trainable"].round().astype("Int64").to_numpy(),
-                "adapter MB": rows["adapter_mb"].to_numpy(),
-                "peak memory MB": rows["peak_memory_mb"].to_numpy(),
-                "activation MB": rows["activation_mb"].to_numpy(),
+                "trainable params": rows["trainable"].round().astype("Int64").where(trained).to_numpy(),
+                "adapter MB": rows["adapter_mb"].where(trained).to_numpy(),
+                "peak memory MB": rows["peak_memory_mb"].where(trained).to_numpy(),
+                "activation MB": rows["activation_mb"].where(trained).to_numpy(),
                 "tokens/s": rows["tokens_per_s"].to_numpy(),
                 "wall s": rows["wall_s"].to_numpy(),
             }
         )
         notes = data_notes(runs, task) if runs is not None else ""
+        table = table.rename(columns={metric: metric_name(metric) for metric in table.columns})
         parts.append(f"### {task} ({score_label(rows)})\n\n{notes}{markdown_table(table)}")
     return "\n\n".join(parts)
 
@@ -178,58 +264,111 @@ def data_notes(runs: pd.DataFrame, task: str) -> str:
     return "".join(f"_Data: {note}._\n\n" for note in sorted(notes))
 
 
-def score_cell(row) -> str:
+def score_cell(row, scale: float | None = None) -> str:
     """ "0.8700 ± 0.0100 (3)", "0.8000 (1), 1 failed", or "— (0), 2 failed"."""
     if row.n_seeds == 0:
         text = "— (0)"
     elif row.n_seeds == 1:
-        text = f"{row.score_mean:.4f} (1)"
+        text = f"{score_text(row.score_mean, scale)} (1)"
     else:
-        text = f"{row.score_mean:.4f} ± {row.score_std:.4f} ({row.n_seeds})"
+        text = f"{score_text(row.score_mean, scale)} ± {score_text(row.score_std, scale)} ({row.n_seeds})"
     return f"{text}, {row.n_failed} failed" if row.n_failed else text
 
 
-def figure(exists: bool) -> str:
+def score_text(value: float, scale: float | None = None) -> str:
+    """A score with 4 decimals on a task whose scores stay below 10 (accuracy, correlation) and
+    2 on one that reaches 10 (BLEU, ROUGE); ``scale`` is the task's largest |score|, so one
+    task's column keeps one format."""
+    if pd.isna(value):
+        return ""
+    return f"{value:.2f}" if abs(value if scale is None else scale) >= 10 else f"{value:.4f}"
+
+
+def _scale(scores: pd.Series) -> float:
+    return float(scores.abs().max()) if scores.notna().any() else 0.0
+
+
+def score_figure(exists: bool) -> str:
+    return _figure("## Score vs trainable parameters", "Score vs trainable parameters", FIGURE, exists)
+
+
+def cost_figure(exists: bool) -> str:
+    return _figure("## Memory and throughput relative to full fine-tuning", "Cost relative to full fine-tuning", COST_FIGURE, exists)
+
+
+def _figure(title: str, alt: str, path: str, exists: bool) -> str:
     if not exists:
-        return f"## Figure\n\n_{FIGURE} is missing: run `python -m analysis.plots RESULTS_DIR`._"
-    pdf = FIGURE.removesuffix(".png") + ".pdf"
-    return f"## Figure\n\n![Score vs trainable parameters]({FIGURE})\n\n[PDF]({pdf})"
+        return f"{title}\n\n_{path} is missing: run `python -m analysis.plots RESULTS_DIR`._"
+    return f"{title}\n\n![{alt}]({path})\n\n[PDF]({path.removesuffix('.png')}.pdf)"
 
 
 def findings(summary: pd.DataFrame) -> str:
-    """What the figure shows, in numbers: the best variant per task and each one relative to full."""
-    parts = ["## What the figure shows"]
+    """What the score figure shows, in numbers, per task: the best run, full fine-tuning and the
+    untrained model, the Pareto front, the smallest run within 1% of full, and who did not learn."""
+    board = leaderboard(summary)
+    parts = []
     for task, rows in summary.groupby("task", sort=True):
-        scored = rows.dropna(subset=["score_mean"])
-        if scored.empty:
+        ranked = board[board["task"] == task]
+        if ranked.empty:
             parts.append(f"**{task}**: no variant has a successful run.")
             continue
         metric = score_label(rows)
-        lower_is_better = str(rows["primary_metric"].dropna().iloc[0]) in LOWER_IS_BETTER
-        best = scored.loc[scored["score_mean"].idxmin() if lower_is_better else scored["score_mean"].idxmax()]
-        text = (
-            f"**{task}**: the best {metric} is {variant_label(best.variant, best.setting)}'s "
-            f"{best.score_mean:.4f} (n={best.n_seeds})."
-        )
-        full = scored[scored["variant"] == FULL]
-        if full.empty:
-            text += " Full fine-tuning has no successful run here, so there is no reference to compare with."
-        else:
-            reference = full.iloc[0]
-            others = scored[scored["variant"] != FULL]
-            text += f" Full fine-tuning scores {reference.score_mean:.4f} with {reference.trainable:,.0f} trainable parameters."
-            if len(others):
-                text += (
-                    " Relative to it: "
-                    + "; ".join(
-                        f"{variant_label(row.variant, row.setting)} reaches "
-                        f"{100 * row.score_mean / reference.score_mean:.1f}% of its score with "
-                        f"{_percent(row.trainable, reference.trainable)} of its trainable parameters"
-                        for row in others.itertuples(index=False)
-                    )
-                    + "."
-                )
-        parts.append(text)
+        lower = lower_is_better(ranked["primary_metric"].iloc[0])
+        scale = _scale(rows["score_mean"])
+        fmt = partial(score_text, scale=scale)
+        best = ranked.iloc[0]
+        text = [f"**{task}** ({metric}): best is {variant_label(best.variant, best.setting)} at {fmt(best.score_mean)} (n={best.n_seeds})."]
+        full = ranked[(ranked["variant"] == FULL) & (ranked["setting"] == "default")]
+        base = rows[(rows["setting"] == BASE_SETTING)].dropna(subset=["score_mean"])
+        if len(full):
+            text.append(f"Full fine-tuning scores {fmt(full['score_mean'].iloc[0])} with {full['trainable'].iloc[0]:,.0f} trainable parameters.")
+        if len(base):
+            text.append(f"The untrained model scores {fmt(base['score_mean'].iloc[0])}.")
+        front = ranked[ranked["pareto"]].sort_values("trainable")
+        text.append("Pareto front, by size: " + ", ".join(
+            f"{variant_label(row.variant, row.setting)} ({fmt(row.score_mean)}, {_params(row.trainable)})" for row in front.itertuples()) + ".")
+        if len(full):
+            reference = full["score_mean"].iloc[0]
+            close = ranked[(ranked["variant"] != FULL) & ((ranked["score_mean"] <= reference * 1.01) if lower else (ranked["score_mean"] >= reference * 0.99))]
+            if len(close):
+                smallest = close.sort_values("trainable").iloc[0]
+                text.append(f"The smallest run within 1% of full's score is {variant_label(smallest.variant, smallest.setting)}: "
+                            f"{fmt(smallest.score_mean)} with {smallest.pct_of_full_params:.3g}% of full's trainable parameters.")
+            else:
+                text.append("No parameter-efficient run comes within 1% of full's score.")
+            if len(base) and reference != base["score_mean"].iloc[0]:
+                progress = (ranked["score_mean"] - base["score_mean"].iloc[0]) / (reference - base["score_mean"].iloc[0])
+                stuck = ranked[progress < LEARNT_FRACTION]
+                if len(stuck):
+                    text.append("Not learnt in this budget (less than a tenth of the way from the untrained model to full): "
+                                + ", ".join(f"{variant_label(row.variant, row.setting)} ({fmt(row.score_mean)})" for row in stuck.itertuples()) + ".")
+        parts.append(" ".join(text))
+    return "\n\n".join(parts)
+
+
+def cost_findings(summary: pd.DataFrame) -> str:
+    """What the cost figure shows, in numbers: per task and measure, the range of the variants'
+    ratios to full fine-tuning, with who is at each end."""
+    parts = []
+    for task, rows in summary.groupby("task", sort=True):
+        full = rows[(rows["variant"] == FULL) & (rows["setting"] == "default")]
+        trained = rows[(rows["variant"] != FULL) & (rows["setting"] != BASE_SETTING)]
+        if full.empty or trained.empty:
+            continue
+        sentences = []
+        for column, label in COST_RATIOS:
+            ratios = (trained[column] / full[column].iloc[0]).dropna()
+            if ratios.empty:
+                continue
+            low, high = trained.loc[ratios.idxmin()], trained.loc[ratios.idxmax()]
+            sentences.append(f"{label.split(' /')[0]} from {ratios.min():.2f}x ({variant_label(low.variant, low.setting)}) "
+                             f"to {ratios.max():.2f}x ({variant_label(high.variant, high.setting)})")
+        if sentences:
+            parts.append(f"**{task}**, relative to full fine-tuning: " + "; ".join(sentences) + ".")
+    kinds = ", ".join(sorted(summary["peak_memory_kind"].dropna().unique()))
+    if parts and "cpu" in kinds:
+        parts.append("On CPU, peak memory is the process's resident set, model weights and libraries included, so it "
+                     "separates variants less than activation memory does (what autograd keeps for the backward pass, exact on any device).")
     return "\n\n".join(parts)
 
 
@@ -275,6 +414,42 @@ def extraction_section(found: dict[str, pd.DataFrame], summary: pd.DataFrame) ->
     return "\n\n".join(parts)
 
 
+def hyperparameters(runs: pd.DataFrame) -> str:
+    """Every hyper-parameter: one line for those with one value in every run; per task, a line
+    for those the same in all its runs and a table of those that differ. A variant's own
+    options (set for some variants only) go together in the table's last column."""
+    columns = [column for column in runs.columns if column.startswith("hp_")]
+    texts = runs[columns].map(_hp_text)
+    common = [column for column in columns if texts[column].nunique() == 1]
+    lines = ["## Hyper-parameters", "Same in every run: " + _assignments(texts.iloc[0], common) + "."]
+    for task, rows in texts.assign(variant=runs["variant"], setting=runs["setting"]).groupby(runs["task"], sort=True):
+        rest = [column for column in columns if column not in common]
+        same = [column for column in rest if rows[column].nunique() == 1 and (rows[column] != "").all()]
+        varying = [column for column in rest if column not in same and (rows[column] != "").any()]
+        shared = [column for column in varying if (rows[column] != "").all()]
+        own = [column for column in varying if column not in shared]
+        table = rows[["variant", "setting", *shared]].rename(columns=lambda column: column.removeprefix("hp_"))
+        if own:
+            table["variant options"] = [_assignments(row, [c for c in own if row[c] != ""]) for _, row in rows.iterrows()]
+        lines.append(f"### {task}\n\nSame in all its runs: {_assignments(rows.iloc[0], same)}.")
+        if varying:
+            lines.append(markdown_table(table.drop_duplicates()))
+    return "\n\n".join(lines)
+
+
+def _hp_text(value) -> str:
+    """A hyper-parameter as text: "" when unset, 8 rather than 8.0."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _assignments(row: pd.Series, columns: list[str]) -> str:
+    return ", ".join(f"{column.removeprefix('hp_')}={row[column]}" for column in columns if row[column] != "") or "none"
+
+
 def failed_runs(runs: pd.DataFrame) -> str:
     failed = runs.loc[runs["status"] == "failed", ["task", "variant", "setting", "seed", "error"]]
     return "## Failed runs\n\n" + (markdown_table(failed) if len(failed) else "none")
@@ -284,10 +459,16 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
-def _percent(part: float, whole: float) -> str:
-    if math.isnan(part) or math.isnan(whole) or whole == 0:
-        return "an unknown share"
-    return f"{100 * part / whole:.3g}%"
+def _seeds(seeds: pd.Series) -> str:
+    values = sorted(int(seed) for seed in seeds.dropna().unique())
+    return f"seed {values[0]}" if len(values) == 1 else f"seeds {', '.join(map(str, values))}"
+
+
+def _params(count: float) -> str:
+    """1,234,567 -> "1.23M params"; 24,258 -> "24.3k params"."""
+    if pd.isna(count):
+        return "? params"
+    return f"{count / 1e6:.3g}M params" if count >= 1e6 else f"{count / 1e3:.3g}k params" if count >= 1e3 else f"{count:.0f} params"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -148,6 +148,8 @@ def test_write_tables_writes_every_format(results):
     assert len(pd.read_parquet(tables / "runs.parquet")) == len(pd.read_csv(tables / "runs.csv")) == 17
     assert (tables / "summary.md").read_text().startswith("| task | variant | setting |")
     assert r"\toprule" in (tables / "summary.tex").read_text()
+    assert (tables / "leaderboard.md").read_text().startswith("| task | place | variant |")
+    assert pd.read_csv(tables / "glue.csv").empty and r"\toprule" in (tables / "glue.tex").read_text()
 
 
 def test_empty_results_give_empty_tables_with_headers(tmp_path):
@@ -184,22 +186,91 @@ def test_variant_style_is_stable_and_distinct():
 
 def test_report_lists_tables_environment_findings_and_failures(results):
     text = report.build_report(results).read_text()
-    sst2, imdb = text.split("### sst2")[1].split("##")[0], text.split("### imdb")[1].split("##")[0]
-    assert "| variant | score mean ± std (n) | f1 | trainable params |" in sst2  # the task's other metric
-    assert "| full | 0.9200 ± 0.0200 (3) | 0.91 | 23,000,000 |" in sst2
-    assert "| vera | 0.8000 (1), 1 failed | 0.79 |" in sst2
-    assert "| variant | score mean ± std (n) | trainable params |" in imdb
+    sst2 = text.split("### sst2 (dev accuracy)")[1].split("##")[0]
+    imdb = text.split("### imdb (dev accuracy)")[1].split("##")[0]
+    assert "| variant | env | score mean ± std (n) | F1 | trainable params |" in sst2  # the task's other metric
+    assert "| full | E1 | 0.9200 ± 0.0200 (3) | 0.91 | 23,000,000 |" in sst2
+    assert "| vera | E1 | 0.8000 (1), 1 failed | 0.79 |" in sst2
+    assert "| variant | env | score mean ± std (n) | trainable params |" in imdb
     assert "_Data: offline copy, trained on dev._" in imdb and "_Data:" not in sst2
+    assert "- **sst2**: minilm; 3 variants, seeds 0, 1, 2; scored on the dev split, 872 examples" in text
+    assert "**These records come from more than one commit** (differing: git commit)" in text
+    assert "| E1 | 7 | abc123 |" in text and "| E2 | 3 | def456 |" in text and "- torch: 2.13.0" in text
+    leaderboard = text.split("## Leaderboard")[1].split("## GLUE")[0]
+    assert "| 1 | full | 0.9200 | 0.0497 | 3 | 23,000,000 | 100 | 100 | yes |" in leaderboard
+    assert "| 2 | lora | 0.8600 | 0.1271 | 2 | 300,000 | 93.5 | 1.304 | yes |" in leaderboard
     assert "![Score vs trainable parameters](figures/score_vs_params.png)" in text
-    assert "more than one commit" in text and "abc123 (7 runs), def456 (3 runs)" in text
-    assert "the best dev accuracy is full's 0.9200 (n=3)" in text
-    assert "lora reaches 93.5% of its score with 1.3% of its trainable parameters" in text
+    assert "![Cost relative to full fine-tuning](figures/cost_vs_full.png)" in text
+    assert "**sst2** (dev accuracy): best is full at 0.9200 (n=3)." in text
+    assert "Pareto front, by size: vera (0.8000, 10k params), lora (0.8600, 300k params), full (0.9200, 23M params)." in text
+    assert "No parameter-efficient run comes within 1% of full's score." in text
+    assert "**sst2**, relative to full fine-tuning: peak memory from 1.00x (lora) to 1.00x (lora)" in text
     assert "| sst2 | vera | default | 1 | DivergedError: loss is nan (step 37) |" in text
     assert "OutOfMemoryError: CUDA out of memory (step 0)" in text
+    assert "Same in every run: lr=0.0005, max_steps=600, rank=8, target_modules=[\"query\", \"value\"]." in text
+    assert "GLUE average" in text and "this study lacks cola, mrpc, qqp, stsb, mnli, qnli, rte" in text
 
     (results / "report.md").unlink()
     report.main([str(results), "--no-rebuild"])
     assert (results / "report.md").read_text() == text
+
+
+def test_leaderboard_ranks_best_first_against_full_with_the_pareto_front(summary):
+    board = aggregate.leaderboard(summary)
+    assert list(board.columns) == aggregate.LEADERBOARD_COLUMNS
+    sst2 = board[board["task"] == "sst2"].set_index("variant")
+    assert list(sst2.index) == ["full", "lora", "vera"] and list(sst2["place"]) == [1, 2, 3]
+    assert sst2.loc["lora", "pct_of_full_score"] == pytest.approx(100 * 0.86 / 0.92)
+    assert sst2.loc["vera", "pct_of_full_params"] == pytest.approx(100 * VERA_PARAMS / FULL_PARAMS)
+    assert sst2["pareto"].all()
+    imdb = board[board["task"] == "imdb"]
+    assert list(imdb["variant"]) == ["full", "lora"]  # vera has no successful run: not ranked
+
+
+def test_pareto_front_keeps_the_undominated_points_and_ties():
+    points = pd.DataFrame({"trainable": [10, 20, 20, 30, 40, None], "score_mean": [0.5, 0.7, 0.7, 0.6, 0.9, 1.0]})
+    assert aggregate.pareto_front(points).tolist() == [True, True, True, False, True, False]
+    assert aggregate.pareto_front(points, lower_is_better=True).tolist() == [True, False, False, False, False, False]
+
+
+def test_glue_average_needs_every_glue_task(tmp_path):
+    scores = dict(zip(aggregate.GLUE_TASKS, [0.60, 0.94, 0.88, 0.90, 0.91, 0.87, 0.93, 0.80]))
+    for task, score in scores.items():
+        write_run(tmp_path, task, "lora", 0, score, trainable=LORA_PARAMS)
+        if task != "rte":
+            write_run(tmp_path, task, "vera", 0, score - 0.1, trainable=VERA_PARAMS)
+    write_run(tmp_path, "wnli", "lora", 0, 0.1, trainable=LORA_PARAMS)  # not in the average
+    summary = aggregate.summarize(aggregate.load_runs(tmp_path))
+    glue = aggregate.glue_average(summary)
+    assert glue[["variant", "setting"]].values.tolist() == [["lora", "default"]]  # vera lacks rte
+    assert glue["glue_average"].iloc[0] == pytest.approx(100 * sum(scores.values()) / 8)
+    assert glue["cola"].iloc[0] == pytest.approx(60.0)
+    text = report.render(aggregate.tidy(aggregate.load_runs(tmp_path)), summary, figures=set())
+    assert "| lora | 85.38 | 60 | 94 | 88 | 90 | 91 | 87 | 93 | 80 |" in text
+
+
+def test_environments_get_ids_by_run_count_and_settings_sort_naturally(results):
+    runs = aggregate.load_runs(results)
+    assert runs.groupby("environment")["git_commit"].unique().map(list).to_dict() == {"E1": ["abc123"], "E2": ["def456"]}
+    table = aggregate.environments(runs)
+    assert table[["environment", "runs", "git commit"]].values.tolist() == [["E1", 7, "abc123"], ["E2", 3, "def456"]]
+    summary = aggregate.summarize(runs)
+    assert cell(summary, "imdb", "full", "environments") == "E2"
+    assert aggregate.setting_order(["rank16", "rank4", "default", "base", "extract200", "extract10"]) == [
+        "base", "default", "extract10", "extract200", "rank4", "rank16"]
+
+
+def test_cost_vs_full_draws_one_bar_per_variant_against_full(summary, tmp_path):
+    figure = plots.cost_vs_full(summary, tmp_path / "cost")
+    assert (tmp_path / "cost.png").stat().st_size > 0 and (tmp_path / "cost.pdf").stat().st_size > 0
+    imdb_memory, _, _, sst2_memory, sst2_activation, sst2_speed = figure.axes
+    assert [ax.get_xlabel() for ax in (sst2_memory, sst2_activation, sst2_speed)] == [
+        "peak memory / full's (x)", "activation memory / full's (x)", "training tokens/s / full's (x)"]
+    assert sst2_memory.get_title() == "sst2" and [t.get_text() for t in sst2_memory.get_yticklabels()] == ["lora", "vera"]
+    assert len(sst2_memory.containers) == 2 and len(imdb_memory.containers) == 1  # imdb's vera only failed
+    assert [bar.get_width() for bar in sst2_memory.containers[0]] == [pytest.approx(1.0)]
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["lora", "vera"]
+    assert not sst2_activation.containers  # no activation memory recorded: nothing drawn
 
 
 def write_extraction_run(results, interval, evaluations):

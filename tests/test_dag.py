@@ -62,14 +62,24 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert result.returncode != 0 and "lr" in result.stdout + result.stderr
 
 
-@pytest.mark.slow
-def test_smoke_dag_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory) -> Path:
+    """The smoke study, plus a setting that diverges, run once by Snakemake for this module."""
+    folder = tmp_path_factory.mktemp("smoke")
     config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
     config["settings"]["diverges"] = {"variants": ["full"], "hparams": {"lr": 1.0e30, "max_steps": 3, "save_adapter": False}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(tmp_path, "--configfile", str(tmp_path / "study.yaml"), "--cores", "2")
+    (folder / "study.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(folder, "--configfile", str(folder / "study.yaml"), "--cores", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder
 
+
+FIGURES = ("score_vs_params", "cost_vs_full", "rank_vs_variance", "score_vs_rank", "overhead_vs_interval")
+
+
+@pytest.mark.slow
+def test_smoke_dag_end_to_end(smoke_study):
+    tmp_path = smoke_study
     results = tmp_path / "results"
     stored = records.read_all(results)
     assert sorted((r["run"]["task"], r["run"]["variant"], r["run"]["setting"], r["status"]) for r in stored) == [
@@ -78,10 +88,15 @@ def test_smoke_dag_end_to_end(tmp_path):
     e2e = next(r for r in stored if r["run"]["task"] == "e2e" and r["run"]["setting"] == "default" and r["run"]["variant"] == "lora")
     assert {"bleu", "rouge_l", "perplexity", "forgetting"} <= set(e2e["eval"]["metrics"]) and e2e["run"]["model"] == "smollm2"
     report = (results / "report.md").read_text()
-    for name in ("score_vs_params", "rank_vs_variance", "score_vs_rank", "overhead_vs_interval"):
+    for name in FIGURES:
         assert f"figures/{name}.png" in report and (results / "figures" / f"{name}.png").stat().st_size > 0
-    assert "## Parasitic extraction" in report and "### Score retained at each explained-variance threshold" in report
+    for section in ("## Leaderboard", "## Score vs trainable parameters", "## Memory and throughput relative to full fine-tuning",
+                    "## Results per task", "## Parasitic extraction", "### Score retained at each explained-variance threshold",
+                    "## Failed runs", "## Hyper-parameters"):
+        assert section in report, section
     assert "lora" in report and "full" in report and "DivergedError" in report
+    for table in ("leaderboard", "summary", "glue"):
+        assert all((results / "tables" / f"{table}.{ext}").exists() for ext in ("csv", "md", "tex"))
     assert (results / "benchmarks" / "train" / "sst2" / "lora" / "default" / "seed0.tsv").exists()
     assert (results / "logs" / "train" / "sst2" / "lora" / "default" / "seed0.log").exists()
 
@@ -102,13 +117,57 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert "rule plots" in jobs and "rule report" in jobs and "rule train" not in jobs, jobs
 
     # A run interrupted during the study leaves no record (and no report yet): the next
-    # invocation trains exactly the missing run.
-    (results / "runs" / "sst2" / "lora" / "default" / "seed0.json").unlink()
-    for analysis_output in ("tables", "figures"):
-        shutil.rmtree(results / analysis_output)
-    (results / "report.md").unlink()
-    dry = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "study.yaml"))
-    assert dry.stdout.count("rule train:") == 1 and "runs/sst2/lora/default/seed0.json" in dry.stdout, dry.stdout
+    # invocation trains exactly the missing run. What the check removes is put back after it,
+    # so other tests of this module still see the whole study.
+    aside = tmp_path / "aside"
+    moved = [results / "runs" / "sst2" / "lora" / "default" / "seed0.json", results / "tables", results / "figures", results / "report.md"]
+    aside.mkdir()
+    for index, path in enumerate(moved):
+        path.rename(aside / str(index))
+    try:
+        dry = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "study.yaml"))
+        assert dry.stdout.count("rule train:") == 1 and "runs/sst2/lora/default/seed0.json" in dry.stdout, dry.stdout
+    finally:
+        for index, path in enumerate(moved):
+            (aside / str(index)).rename(path)
+
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
+def test_html_report_shows_every_figure_in_headless_chromium(smoke_study, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    html = smoke_study / "results" / "report.html"
+    result = snakemake(smoke_study, "--report", str(html), "--configfile", str(smoke_study / "study.yaml"))
+    assert result.returncode == 0 and html.stat().st_size > 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    errors, shown = [], {}
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.goto(html.as_uri())
+        for category in ("Scores", "Costs", "Parasitic extraction"):
+            page.get_by_text(category, exact=True).click()
+            for row in page.locator("tr", has_text="results/").all():
+                name = row.locator("td").first.inner_text().strip()
+                row.locator("a[iconname=eye]").click()
+                image = page.locator(f"img[src*='filename={Path(name).name}']")
+                image.wait_for(state="visible")
+                shown[name] = image.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
+                page.screenshot(path=tmp_path / f"{Path(name).stem}.png")
+            page.goto(html.as_uri())
+        browser.close()
+    assert errors == []
+    for figure in FIGURES:
+        complete, width, height = shown[f"results/figures/{figure}.png"]
+        assert complete and width > 0 and height > 0, figure
+        assert (tmp_path / f"{figure}.png").stat().st_size > 0
 
 
 def test_where_entries_apply_to_the_runs_they_name_and_refuse_unknown_names():
