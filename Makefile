@@ -36,7 +36,8 @@ smoke: run
 # Tables, figures and both reports again from the records already there: no training job.
 report: $(VENV)/.installed
 	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --forcerun aggregate
-	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --report results/report.html
+	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) \
+		--report "$$($(BIN)/python -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["results"])' $(CONFIG))/report.html"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

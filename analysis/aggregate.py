@@ -47,6 +47,8 @@ METRIC_NAMES = {
 # each on its primary metric (CoLA Matthews, STS-B Pearson, MNLI matched, accuracy else).
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 BASE_SETTING = "base"  # the untrained model (max_steps 0): a reference, never a contender
+DEFAULT_SETTING = "default"
+FULL = "full"  # full fine-tuning: the reference every other variant is compared with
 
 # Adapter size uses the same MB as peak memory: 2**20 bytes.
 BYTES_PER_MB = 2**20
@@ -122,6 +124,8 @@ def environments(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per environment id: its run count and the value of every environment field."""
     fields = dict(ENVIRONMENT_FIELDS)
     runs = runs_from_tidy(runs)
+    if "environment" not in runs.columns:  # tables written before environments had ids
+        runs = runs.assign(environment=environment_ids(runs))
     rows = runs.reindex(columns=[*fields, "environment"]).groupby("environment", sort=False)
     table = rows[list(fields)].first().rename(columns=fields).astype("string")
     table.insert(0, "runs", rows.size())
@@ -184,7 +188,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
             "score_ci95_t": half_width,
             "peak_memory_kind": ", ".join(sorted(ok["peak_memory_kind"].dropna().unique())) or None,
             "rank": _first_number(group["hp_rank"]) if "hp_rank" in group else math.nan,  # the adapter's (none for full)
-            "environments": "+".join(sorted(group["environment"].dropna().unique(), key=lambda name: int(name[1:]))),
+            "environments": "+".join(sorted(group.get("environment", pd.Series(dtype=object)).dropna().unique(), key=lambda name: int(name[1:]))),
         }
         row.update({column: ok[column].astype("float64").mean() for column in COST_COLUMNS})
         rows.append(row)
@@ -195,6 +199,21 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 
 def lower_is_better(metric: str | None) -> bool:
     return str(metric) in LOWER_IS_BETTER
+
+
+def task_lower_is_better(rows: pd.DataFrame) -> bool:
+    """Whether smaller is better for the primary metric of these rows (one task's)."""
+    metrics = rows["primary_metric"].dropna()
+    return lower_is_better(metrics.iloc[0] if len(metrics) else None)
+
+
+def full_reference(rows: pd.DataFrame) -> pd.Series | None:
+    """One task's full fine-tuning row to compare with: the default setting's when it has a
+    score, else the first other full setting with one; None when full has no successful run."""
+    full = rows[(rows["variant"] == FULL) & rows["score_mean"].notna()]
+    preferred = full[full["setting"] == DEFAULT_SETTING]
+    chosen = preferred if len(preferred) else full
+    return chosen.iloc[0] if len(chosen) else None
 
 
 def metric_name(metric: str | None) -> str:
@@ -233,18 +252,26 @@ def leaderboard(summary: pd.DataFrame) -> pd.DataFrame:
         rows = rows.dropna(subset=["score_mean"])
         if rows.empty:
             continue
-        lower = lower_is_better(rows["primary_metric"].dropna().iloc[0] if rows["primary_metric"].notna().any() else None)
+        lower = task_lower_is_better(rows)
         rows = rows.sort_values("score_mean", ascending=lower, kind="stable").copy()
         rows["place"] = range(1, len(rows) + 1)
-        full = rows[(rows["variant"] == "full") & (rows["setting"] == "default")]
-        full = full if len(full) else rows[rows["variant"] == "full"]
-        reference = full.iloc[0] if len(full) else None
-        rows["pct_of_full_score"] = math.nan if reference is None else 100 * rows["score_mean"] / reference["score_mean"]
+        reference = full_reference(rows)
+        rows["pct_of_full_score"] = percent_of_full(rows["score_mean"], reference, lower)
         rows["pct_of_full_params"] = math.nan if reference is None else 100 * rows["trainable"] / reference["trainable"]
         rows["pareto"] = pareto_front(rows, lower)
         parts.append(rows)
     board = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LEADERBOARD_COLUMNS)
     return board.reindex(columns=LEADERBOARD_COLUMNS).reset_index(drop=True)
+
+
+def percent_of_full(scores: pd.Series, reference: pd.Series | None, lower: bool) -> pd.Series:
+    """Scores as % of full fine-tuning's, oriented so that above 100 is always better than
+    full (full / score when smaller is better); NaN where the ratio means nothing (no full run,
+    or a reference score of 0 or below, as a Matthews correlation can be)."""
+    full = math.nan if reference is None else float(reference["score_mean"])
+    if not full > 0:
+        return pd.Series(math.nan, index=scores.index)
+    return 100 * (full / scores.where(scores > 0) if lower else scores / full)
 
 
 def glue_average(summary: pd.DataFrame) -> pd.DataFrame:
@@ -280,7 +307,7 @@ def sort_runs(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def setting_order(settings) -> list[str]:
     """base, default, then the others with their numbers compared as numbers."""
     present = set(settings)
-    first = [name for name in (BASE_SETTING, "default") if name in present]
+    first = [name for name in (BASE_SETTING, DEFAULT_SETTING) if name in present]
     return first + sorted(present - set(first), key=_natural_key)
 
 

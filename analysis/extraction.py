@@ -233,10 +233,9 @@ def score_vs_rank(scores: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             if len(lora):
                 ax.plot(lora.index, lora.values, marker="s", color="#029e73", label="LoRA trained at rank r")
             task_summary = summary[summary["task"] == task]
-            full = task_summary[task_summary["variant"] == "full"].dropna(subset=["score_mean"])
-            if len(full):
-                preferred = full[full["setting"] == "default"]
-                ax.axhline((preferred if len(preferred) else full)["score_mean"].mean(), color="black", linestyle="--", linewidth=1, label="full fine-tuning")
+            full = aggregate.full_reference(task_summary)
+            if full is not None:
+                ax.axhline(full["score_mean"], color="black", linestyle="--", linewidth=1, label="full fine-tuning")
             base = task_summary[task_summary["setting"] == "base"]["score_mean"].dropna()
             if len(base):
                 ax.axhline(base.iloc[0], color="grey", linestyle=":", linewidth=1.2, label="base model (untrained)")

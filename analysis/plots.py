@@ -22,9 +22,18 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from analysis import extraction
-from analysis.aggregate import BASE_SETTING, VARIANT_ORDER, lower_is_better, pareto_front, score_label, variant_order
+from analysis.aggregate import (
+    BASE_SETTING,
+    DEFAULT_SETTING,
+    FULL,
+    VARIANT_ORDER,
+    full_reference,
+    pareto_front,
+    score_label,
+    task_lower_is_better,
+    variant_order,
+)
 
-FULL = "full"
 DPI = 150
 # Full fine-tuning, the reference, is a black star (and a dashed line). The others take
 # seaborn's colour-blind palette without grey and yellow (too close to black, too faint on
@@ -113,9 +122,9 @@ def cost_vs_full(summary: pd.DataFrame, out_stem: str | os.PathLike | None = Non
         figure.suptitle("Cost relative to full fine-tuning on the same task (dashed: full = 1; memory: less is better; tokens/s: more is better)")
         for row, task in enumerate(tasks):
             rows = trained[trained["task"] == task]
-            full = summary[(summary["task"] == task) & (summary["variant"] == FULL) & (summary["setting"] == "default")]
+            full = full_reference(summary[summary["task"] == task])
             for ax, (column, label) in zip(axes[row], COST_RATIOS):
-                reference = full[column].iloc[0] if len(full) else math.nan
+                reference = math.nan if full is None else full[column]
                 _draw_ratios(ax, rows, column, reference)
                 ax.set_xlabel(f"{label} (x)")
                 ax.set_title(task if pd.notna(reference) and reference > 0 else f"{task}: no full run to compare with")
@@ -164,7 +173,7 @@ def write_figures(results_dir: str | os.PathLike, summary: pd.DataFrame | None =
 def variant_label(variant: str, setting: str) -> str:
     if setting == BASE_SETTING:
         return "base model (untrained)"
-    return variant if setting == "default" else f"{variant} [{setting}]"
+    return variant if setting == DEFAULT_SETTING else f"{variant} [{setting}]"
 
 
 def _draw_task(ax, task: str, rows: pd.DataFrame) -> None:
@@ -205,8 +214,7 @@ def _draw_pareto_front(ax, scored: pd.DataFrame) -> None:
     """A grey step line through the points no other beats on both parameters and score."""
     if scored.empty:
         return
-    lower = lower_is_better(scored["primary_metric"].dropna().iloc[0] if scored["primary_metric"].notna().any() else None)
-    front = scored[pareto_front(scored, lower)].sort_values("trainable")
+    front = scored[pareto_front(scored, task_lower_is_better(scored))].sort_values("trainable")
     if len(front) > 1:
         ax.step(front["trainable"], front["score_mean"], where="post", color="grey", linewidth=1, alpha=0.7, zorder=0)
 

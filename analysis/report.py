@@ -21,21 +21,24 @@ import pandas as pd
 from analysis import extraction
 from analysis.aggregate import (
     BASE_SETTING,
+    DEFAULT_SETTING,
+    FULL,
     BYTES_PER_MB,
     ENVIRONMENT_FIELDS,
     GLUE_TASKS,
     GROUP_KEY,
     environments,
+    full_reference,
     glue_average,
     leaderboard,
-    lower_is_better,
     markdown_table,
     metric_name,
     runs_from_tidy,
     score_label,
+    task_lower_is_better,
     write_tables,
 )
-from analysis.plots import COST_RATIOS, FULL, variant_label, write_figures
+from analysis.plots import COST_RATIOS, variant_label, write_figures
 
 FIGURE = "figures/score_vs_params.png"
 COST_FIGURE = "figures/cost_vs_full.png"
@@ -113,7 +116,7 @@ def header(runs: pd.DataFrame) -> str:
     ]
     for task, rows in runs.groupby("task", sort=True):
         models = ", ".join(sorted(rows["model"].dropna().astype(str).unique()))
-        settings = ", ".join(s for s in pd.unique(rows["setting"]) if s not in ("default", BASE_SETTING))
+        settings = ", ".join(s for s in pd.unique(rows["setting"]) if s not in (DEFAULT_SETTING, BASE_SETTING))
         scored = rows.dropna(subset=["eval_split"])
         split = f"{scored['eval_split'].iloc[0]} split, {int(scored['eval_n'].max()):,} examples" if len(scored) and scored["eval_n"].notna().any() else "no score yet"
         lines.append(
@@ -168,8 +171,9 @@ def leaderboards(summary: pd.DataFrame) -> str:
     parts = [
         "## Leaderboard",
         "Mean score over seeds, best first (95% CI: Student t half-width, blank with one seed); "
-        "% of full: of full fine-tuning's score and trainable parameters; Pareto: no other run scores better "
-        "with as few trainable parameters.",
+        "% of full: of full fine-tuning's score (full / score when smaller is better, so above 100 always beats full) "
+        "and of its trainable parameters; Pareto: no other run is at least as good in score and in trainable "
+        "parameters and better in one.",
     ]
     for task, rows in board.groupby("task", sort=True):
         scale = _scale(summary.loc[summary["task"] == task, "score_mean"])
@@ -198,7 +202,8 @@ def glue_section(summary: pd.DataFrame) -> str:
     rule = f"Mean of the primary scores x 100 on {', '.join(GLUE_TASKS)} (WNLI left out, as in Hu et al. 2021)."
     if table.empty:
         missing = ", ".join(task for task in GLUE_TASKS if task not in present)
-        return f"{title}\n\n{rule} Not computed: no variant has all of them; this study lacks {missing}."
+        lacks = f"this study lacks {missing}" if missing else "some tasks have no successful run for any one variant"
+        return f"{title}\n\n{rule} Not computed: no variant has a score on all of them; {lacks}."
     table.insert(0, "variant", [variant_label(v, s) for v, s in zip(table.pop("variant"), table.pop("setting"))])
     return f"{title}\n\n{rule}\n\n{markdown_table(table.round(2))}"
 
@@ -221,7 +226,7 @@ def results(summary: pd.DataFrame, metrics: pd.DataFrame | None = None, runs: pd
                 "score mean ± std (n)": [score_cell(row, _scale(rows["score_mean"])) for row in rows.itertuples(index=False)],
             }
         )
-        if summary["environments"].nunique() > 1:
+        if summary["environments"].nunique() > 1 or summary["environments"].str.contains("+", regex=False).any():
             table.insert(1, "env", rows["environments"].to_numpy())
         if metrics is not None and len(metrics):
             extra = rows[GROUP_KEY].merge(metrics, on=GROUP_KEY, how="left").drop(columns=GROUP_KEY)
@@ -313,34 +318,37 @@ def findings(summary: pd.DataFrame) -> str:
             parts.append(f"**{task}**: no variant has a successful run.")
             continue
         metric = score_label(rows)
-        lower = lower_is_better(ranked["primary_metric"].iloc[0])
-        scale = _scale(rows["score_mean"])
-        fmt = partial(score_text, scale=scale)
+        lower = task_lower_is_better(ranked)
+        fmt = partial(score_text, scale=_scale(rows["score_mean"]))
         best = ranked.iloc[0]
         text = [f"**{task}** ({metric}): best is {variant_label(best.variant, best.setting)} at {fmt(best.score_mean)} (n={best.n_seeds})."]
-        full = ranked[(ranked["variant"] == FULL) & (ranked["setting"] == "default")]
+        full = full_reference(ranked)
         base = rows[(rows["setting"] == BASE_SETTING)].dropna(subset=["score_mean"])
-        if len(full):
-            text.append(f"Full fine-tuning scores {fmt(full['score_mean'].iloc[0])} with {full['trainable'].iloc[0]:,.0f} trainable parameters.")
+        if full is None:
+            text.append("Full fine-tuning has no successful run here, so nothing is compared with it.")
+        else:
+            text.append(f"Full fine-tuning{_setting_note(full)} scores {fmt(full.score_mean)} with {full.trainable:,.0f} trainable parameters.")
         if len(base):
             text.append(f"The untrained model scores {fmt(base['score_mean'].iloc[0])}.")
         front = ranked[ranked["pareto"]].sort_values("trainable")
-        text.append("Pareto front, by size: " + ", ".join(
-            f"{variant_label(row.variant, row.setting)} ({fmt(row.score_mean)}, {_params(row.trainable)})" for row in front.itertuples()) + ".")
-        if len(full):
-            reference = full["score_mean"].iloc[0]
-            close = ranked[(ranked["variant"] != FULL) & ((ranked["score_mean"] <= reference * 1.01) if lower else (ranked["score_mean"] >= reference * 0.99))]
+        if len(front):
+            text.append("Pareto front, by size: " + ", ".join(
+                f"{variant_label(row.variant, row.setting)} ({fmt(row.score_mean)}, {_params(row.trainable)})" for row in front.itertuples()) + ".")
+        if full is not None:
+            others = ranked[ranked["variant"] != FULL]
+            close = others[others["pct_of_full_score"] >= 99]
             if len(close):
                 smallest = close.sort_values("trainable").iloc[0]
-                text.append(f"The smallest run within 1% of full's score is {variant_label(smallest.variant, smallest.setting)}: "
+                text.append(f"The smallest run reaching 99% of full's score is {variant_label(smallest.variant, smallest.setting)}: "
                             f"{fmt(smallest.score_mean)} with {smallest.pct_of_full_params:.3g}% of full's trainable parameters.")
-            else:
-                text.append("No parameter-efficient run comes within 1% of full's score.")
-            if len(base) and reference != base["score_mean"].iloc[0]:
-                progress = (ranked["score_mean"] - base["score_mean"].iloc[0]) / (reference - base["score_mean"].iloc[0])
+            elif others["pct_of_full_score"].notna().any():
+                text.append("No parameter-efficient run reaches 99% of full's score.")
+            gain = (full.score_mean - base["score_mean"].iloc[0]) * (-1 if lower else 1) if len(base) else math.nan
+            if gain > 0:  # full learnt the task, so "a tenth of its way" means something
+                progress = (ranked["score_mean"] - base["score_mean"].iloc[0]) * (-1 if lower else 1) / gain
                 stuck = ranked[progress < LEARNT_FRACTION]
                 if len(stuck):
-                    text.append("Not learnt in this budget (less than a tenth of the way from the untrained model to full): "
+                    text.append("Not learnt in this budget (less than a tenth of full's way from the untrained model): "
                                 + ", ".join(f"{variant_label(row.variant, row.setting)} ({fmt(row.score_mean)})" for row in stuck.itertuples()) + ".")
         parts.append(" ".join(text))
     return "\n\n".join(parts)
@@ -351,13 +359,13 @@ def cost_findings(summary: pd.DataFrame) -> str:
     ratios to full fine-tuning, with who is at each end."""
     parts = []
     for task, rows in summary.groupby("task", sort=True):
-        full = rows[(rows["variant"] == FULL) & (rows["setting"] == "default")]
+        full = full_reference(rows)
         trained = rows[(rows["variant"] != FULL) & (rows["setting"] != BASE_SETTING)]
-        if full.empty or trained.empty:
+        if full is None or trained.empty:
             continue
         sentences = []
         for column, label in COST_RATIOS:
-            ratios = (trained[column] / full[column].iloc[0]).dropna()
+            ratios = (trained[column] / full[column]).dropna()
             if ratios.empty:
                 continue
             low, high = trained.loc[ratios.idxmin()], trained.loc[ratios.idxmax()]
@@ -457,6 +465,10 @@ def failed_runs(runs: pd.DataFrame) -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _setting_note(row) -> str:
+    return "" if row.setting == DEFAULT_SETTING else f" [{row.setting}]"
 
 
 def _seeds(seeds: pd.Series) -> str:

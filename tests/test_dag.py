@@ -153,7 +153,7 @@ def test_html_report_shows_every_figure_in_headless_chromium(smoke_study, tmp_pa
         page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
         page.goto(html.as_uri())
         for category in ("Scores", "Costs", "Parasitic extraction"):
-            page.get_by_text(category, exact=True).click()
+            page.locator("a", has=page.get_by_text(category, exact=True)).click()  # the menu entry, not the landing text
             for row in page.locator("tr", has_text="results/").all():
                 name = row.locator("td").first.inner_text().strip()
                 row.locator("a[iconname=eye]").click()
