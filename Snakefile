@@ -36,12 +36,15 @@ if not config:
 validate(config, "config/schema.yaml")
 
 RESULTS = config["results"]
-RUNS = {run.key: run for run in study.expand(config)}
-RECORDS = [run.record(RESULTS) for run in RUNS.values()]
+STUDY = study.expand(config)
+RECORDS = [run.record(RESULTS) for run in STUDY]
+# Learning-rate sweeps (config lr_sweep): their runs, then one selection per swept setting.
+SWEEPS = {sweep.key: sweep for sweep in study.expand_sweeps(config)}
+RUNS = {run.key: run for run in STUDY + [run for sweep in SWEEPS.values() for run in sweep.runs]}
 ROOT = workflow.basedir
 ENV = f"{ROOT}/workflow/envs/lorabench.yaml"
 ANALYSIS = [f"{ROOT}/analysis/__init__.py", f"{ROOT}/analysis/aggregate.py", f"{ROOT}/analysis/extraction.py"]
-SUMMARIES = [f"{RESULTS}/tables/{name}.{ext}" for name in ("summary", "leaderboard", "glue") for ext in ("md", "tex")]
+SUMMARIES = [f"{RESULTS}/tables/{name}.{ext}" for name in ("summary", "leaderboard", "glue", "lr_selection") for ext in ("md", "tex")]
 EXTRACTION_TABLES = [
     f"{RESULTS}/tables/{name}.csv" for name in ("extraction_layers", "extraction_spectrum", "extraction_scores", "extraction_overhead")
 ]
@@ -52,6 +55,7 @@ report: "analysis/report/workflow.rst"
 
 wildcard_constraints:
     seed=r"\d+",
+    folder=f"{study.RUNS}|{study.SWEEPS}",
 
 
 rule all:
@@ -59,16 +63,25 @@ rule all:
         f"{RESULTS}/report.md",
 
 
+def run_of(wildcards):
+    return RUNS[(wildcards.folder, wildcards.task, wildcards.variant, wildcards.setting, int(wildcards.seed))]
+
+
 rule train:
-    """One training run in its own process, so its peak memory and time are its own."""
+    """One training run in its own process, so its peak memory and time are its own: a run of
+    the study (runs/) or of a learning-rate sweep (sweeps/, scored on validation only). A swept
+    setting's run waits for its sweep's selection and trains at the chosen rate."""
+    input:
+        unpack(lambda wildcards: run_of(wildcards).inputs(RESULTS)),
     output:
-        f"{RESULTS}/runs/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.json",
+        f"{RESULTS}/{{folder}}/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.json",
     log:
-        f"{RESULTS}/logs/train/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.log",
+        f"{RESULTS}/logs/{{folder}}/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/{{folder}}/{{task}}/{{variant}}/{{setting}}/seed{{seed}}.tsv"
     params:
-        sets=lambda wildcards: RUNS[(wildcards.task, wildcards.variant, wildcards.setting, int(wildcards.seed))].cli_sets(),
+        sets=lambda wildcards: run_of(wildcards).cli_sets(),
+        selection=lambda wildcards, input: f"--selection {input.selection}" if "selection" in input.keys() else "",
     # Two training jobs at a time, each with half the cores: on a 2-core CPU two one-thread
     # jobs get through the default study faster than one two-thread job (README, "Performance").
     # A profile's set-threads (train=N) overrides this.
@@ -82,7 +95,21 @@ rule train:
     shell:
         "python -m lorabench.run --task {wildcards.task} --variant {wildcards.variant}"
         " --setting {wildcards.setting} --seed {wildcards.seed} --out {output}"
-        " --set threads={threads} {params.sets} > {log} 2>&1"
+        " {params.selection} --set threads={threads} {params.sets} > {log} 2>&1"
+
+
+rule select_lr:
+    """A swept setting's learning rate: the grid's best mean validation score (lorabench/sweep.py)."""
+    input:
+        lambda wildcards: SWEEPS[(wildcards.task, wildcards.variant, wildcards.setting)].records(RESULTS),
+    output:
+        f"{RESULTS}/{study.SWEEPS}/{{task}}/{{variant}}/{{setting}}/selected.json",
+    log:
+        f"{RESULTS}/logs/{study.SWEEPS}/{{task}}/{{variant}}/{{setting}}/select_lr.log",
+    conda:
+        ENV
+    shell:
+        "python -m lorabench.sweep --out {output} {input} > {log} 2>&1"
 
 
 rule aggregate:
@@ -96,6 +123,7 @@ rule aggregate:
         leaderboard=f"{RESULTS}/tables/leaderboard.csv",
         summary=f"{RESULTS}/tables/summary.csv",
         glue=f"{RESULTS}/tables/glue.csv",
+        lr_selection=f"{RESULTS}/tables/lr_selection.csv",
         renderings=SUMMARIES,
         extraction=EXTRACTION_TABLES,
     log:

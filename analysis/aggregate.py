@@ -4,8 +4,8 @@ Analysis reads only the run records (``lorabench.records``), never the engine, s
 can be rebuilt anywhere from ``results/runs`` without retraining.
 
 ``python -m analysis.aggregate RESULTS_DIR`` writes into ``RESULTS_DIR/tables``:
-``runs.parquet`` and ``runs.csv`` (the tidy long form), then ``summary``, ``leaderboard`` and
-``glue`` (each as .csv, .md and .tex), then the extraction tables.
+``runs.parquet`` and ``runs.csv`` (the tidy long form), then ``summary``, ``leaderboard``,
+``glue`` and ``lr_selection`` (each as .csv, .md and .tex), then the extraction tables.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ VARIANT_ORDER = (
     "pissa", "delora", "dora", "edora", "lotr", "adalora", "extracted",
 )  # fmt: skip
 
-# Primary metrics where smaller is better, so "best variant" picks the minimum.
-LOWER_IS_BETTER = frozenset({"loss", "eval_loss", "perplexity", "ppl", "wer", "cer", "ter", "forgetting"})
 # How tables and axes name the metrics that tasks record; others keep their record name.
 METRIC_NAMES = {
     "accuracy": "accuracy", "accuracy_matched": "accuracy (matched)", "accuracy_mismatched": "accuracy (mismatched)",
@@ -72,7 +70,7 @@ META_FIELDS = [
 ]  # fmt: skip
 RUN_COLUMNS = [
     *RUN_FIELDS, *DATA_FIELDS, "status", "error", "trainable", "total", "adapter_mb", *TRAIN_FIELDS,
-    "eval_split", "eval_n", "primary_metric", "primary_value", *META_FIELDS, "environment",
+    "eval_split", "eval_n", "primary_metric", "primary_value", *META_FIELDS, "environment", "selection",
 ]  # fmt: skip
 COUNT_COLUMNS = ["seed", "trainable", "total", "steps", "samples", "tokens", "eval_n", "threads"]
 FLOAT_COLUMNS = ["adapter_mb", "wall_s", "timed_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "activation_mb", "primary_value"]
@@ -88,6 +86,7 @@ LEADERBOARD_COLUMNS = [
     "task", "place", "variant", "setting", "primary_metric", "score_mean", "score_ci95_t", "n_seeds",
     "trainable", "pct_of_full_score", "pct_of_full_params", "pareto",
 ]  # fmt: skip
+LR_SELECTION_COLUMNS = ["task", "variant", "setting", "lr", "metric", "split", "mean", "seeds", "failed", "chosen"]
 CI_LEVEL = 0.95
 
 
@@ -198,7 +197,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def lower_is_better(metric: str | None) -> bool:
-    return str(metric) in LOWER_IS_BETTER
+    """Whether the best of this metric is its minimum ("best variant" then picks the smallest)."""
+    return str(metric) in records.LOWER_IS_BETTER
 
 
 def task_lower_is_better(rows: pd.DataFrame) -> bool:
@@ -285,6 +285,26 @@ def glue_average(summary: pd.DataFrame) -> pd.DataFrame:
     return wide.reindex(columns=["variant", "setting", "glue_average", *GLUE_TASKS]).reset_index(drop=True)
 
 
+def lr_selections(table: pd.DataFrame) -> pd.DataFrame:
+    """Per swept task x variant x setting, one row per rate of its grid: the mean validation
+    score over the sweep's seeds, how many of them failed, and whether the rate was chosen.
+    Read from the final runs' records, which carry their sweep's selection file."""
+    runs = runs_from_tidy(table)
+    if "selection" not in runs.columns:  # tables written before sweeps existed
+        return pd.DataFrame(columns=LR_SELECTION_COLUMNS)
+    rows = []
+    swept = runs.dropna(subset=["selection"]).drop_duplicates(GROUP_KEY)
+    for run in swept.itertuples(index=False):
+        selection = json.loads(run.selection)
+        for entry in selection["scores"]:
+            rows.append({"task": run.task, "variant": run.variant, "setting": run.setting, "lr": entry["lr"],
+                         "metric": selection["metric"], "split": selection["split"],
+                         "mean": math.nan if entry["mean"] is None else entry["mean"], "seeds": len(entry["seeds"]),
+                         "failed": entry["failed"], "chosen": entry["lr"] == selection["chosen"]})
+    table = pd.DataFrame(rows, columns=LR_SELECTION_COLUMNS)
+    return sort_runs(table, GROUP_KEY + ["lr"]) if len(table) else table
+
+
 def _first_number(column: pd.Series) -> float:
     numbers = pd.to_numeric(column, errors="coerce").dropna()
     return float(numbers.iloc[0]) if len(numbers) else math.nan
@@ -329,7 +349,8 @@ def write_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataF
     summary = summarize(long)
     long.to_parquet(tables / "runs.parquet", index=False)
     long.to_csv(tables / "runs.csv", index=False)
-    for name, table in {"summary": summary, "leaderboard": leaderboard(summary), "glue": glue_average(summary)}.items():
+    tables_by_name = {"summary": summary, "leaderboard": leaderboard(summary), "glue": glue_average(summary), "lr_selection": lr_selections(long)}
+    for name, table in tables_by_name.items():
         table.to_csv(tables / f"{name}.csv", index=False)
         (tables / f"{name}.md").write_text(markdown_table(table) + "\n")
         (tables / f"{name}.tex").write_text(latex_table(table))
@@ -429,6 +450,7 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
         "primary_metric": evaluation.get("primary"),
         "primary_value": evaluation.get("primary_value"),
         **{key: meta.get(key) for key in META_FIELDS},
+        "selection": _cell(run.get("selection")),
     }
     row.update({f"hp_{name}": _cell(value) for name, value in run["hparams"].items()})
     row.update({f"pkg_{name}": version for name, version in (meta.get("packages") or {}).items()})

@@ -31,6 +31,7 @@ from analysis.aggregate import (
     full_reference,
     glue_average,
     leaderboard,
+    lr_selections,
     markdown_table,
     metric_name,
     runs_from_tidy,
@@ -100,7 +101,7 @@ def render(
     ]
     if extracted is not None and len(extracted["extraction_overhead"]):
         sections.append(extraction_section(extracted, summary))
-    sections += [failed_runs(runs), hyperparameters(runs)]
+    sections += [gradient_checkpointing(summary, runs), learning_rates(table), failed_runs(runs), hyperparameters(runs)]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
@@ -419,6 +420,66 @@ def extraction_section(found: dict[str, pd.DataFrame], summary: pd.DataFrame) ->
         "dashed: full fine-tuning; dotted: the untrained model._",
         "![Overhead vs interval](figures/overhead_vs_interval.png)",
     ]
+    return "\n\n".join(parts)
+
+
+def gradient_checkpointing(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """What gradient checkpointing saves and costs: each setting that turns it on against the
+    same task and variant's default setting, without it; nothing when no run used it."""
+    column = "hp_gradient_checkpointing"
+    if column not in runs.columns:
+        return ""
+    on = runs.loc[runs[column].fillna(False).astype(bool), GROUP_KEY].drop_duplicates()
+    rows = []
+    for task, variant, setting in on.itertuples(index=False):
+        group = summary[(summary["task"] == task) & (summary["variant"] == variant)]
+        with_it, without = group[group["setting"] == setting], group[group["setting"] == DEFAULT_SETTING]
+        if with_it.empty or without.empty or setting == DEFAULT_SETTING:
+            continue
+        a, b = without.iloc[0], with_it.iloc[0]
+        rows.append({"task": task, "variant": variant_label(variant, setting),
+                     "activation MB": f"{a.activation_mb:.0f} -> {b.activation_mb:.0f} ({b.activation_mb / a.activation_mb:.2f}x)",
+                     "peak memory MB": f"{a.peak_memory_mb:.0f} -> {b.peak_memory_mb:.0f} ({b.peak_memory_mb / a.peak_memory_mb:.2f}x)",
+                     "tokens/s": f"{a.tokens_per_s:.0f} -> {b.tokens_per_s:.0f} ({b.tokens_per_s / a.tokens_per_s:.2f}x)",
+                     "score": f"{score_text(a.score_mean)} -> {score_text(b.score_mean)}"})
+    if not rows:
+        return ""
+    table = pd.DataFrame(rows)
+    return ("## Gradient checkpointing\n\n"
+            "Each row: the variant's default setting -> the same with `gradient_checkpointing=true` (activations recomputed "
+            "in the backward pass instead of kept). Activation MB: what autograd keeps for the backward pass of the longest "
+            "batch; tokens/s: training throughput (the price of recomputing).\n\n" + markdown_table(table))
+
+
+def learning_rates(table: pd.DataFrame) -> str:
+    """Which learning rate each swept variant got, from which grid, on what validation score;
+    nothing when the study swept nothing."""
+    chosen = lr_selections(table)
+    if chosen.empty:
+        return ""
+    parts = ["## Learning rates",
+             "Swept settings train at the rate of their grid with the best mean validation score over the sweep's seeds "
+             "(validation: examples carved out of train, never the reported split; a rate with a failed run is not chosen). "
+             "Each cell: the validation score at that rate; **bold**: the rate chosen."]
+    for task, rows in chosen.groupby("task", sort=True):
+        metric = metric_name(rows["metric"].iloc[0])
+        scale = _scale(rows["mean"])
+        lines = []
+        for (variant, setting), group in rows.groupby(["variant", "setting"], sort=False):
+            cells = [f"{score_text(row.mean, scale) if pd.notna(row.mean) else 'failed'} at {row.lr:g}" for row in group.itertuples()]
+            cells = [f"**{cell}**" if row.chosen else cell for cell, row in zip(cells, group.itertuples())]
+            pick = group[group["chosen"]]
+            seeds = group["seeds"].max()
+            lines.append({"variant": variant_label(variant, setting), "chosen lr": f"{pick['lr'].iloc[0]:g}" if len(pick) else "",
+                          "grid": ", ".join(f"{lr:g}" for lr in group["lr"]), "sweep seeds": seeds,
+                          f"validation {metric} by rate": "; ".join(cells)})
+        parts.append(f"### {task}\n\n{markdown_table(pd.DataFrame(lines))}")
+    edges = chosen[chosen["chosen"]].merge(chosen.groupby(["task", "variant", "setting"])["lr"].agg(["min", "max"]).reset_index(),
+                                            on=["task", "variant", "setting"])
+    at_edge = edges[(edges["lr"] == edges["min"]) | (edges["lr"] == edges["max"])]
+    if len(at_edge):
+        parts.append("At the edge of its grid (the best rate may lie outside it; widen the grid): "
+                     + ", ".join(f"{row.task}/{variant_label(row.variant, row.setting)} ({row.lr:g})" for row in at_edge.itertuples()) + ".")
     return "\n\n".join(parts)
 
 

@@ -376,6 +376,20 @@ class Extractor:
         self.extractions.append(entry)
         return entry
 
+    # What a checkpoint keeps (lorabench/checkpoint.py): JSON-able findings and counters, and
+    # the sketch generator's state. The spectra need no saving: the last step always extracts.
+    STATE_FIELDS = ("extractions", "losses", "best_validation", "plateau_quiet_until", "seconds", "flops")
+
+    def state(self) -> tuple[dict[str, Any], torch.Tensor]:
+        """(the JSON-able state, the generator's state) for a checkpoint."""
+        return {field: getattr(self, field) for field in self.STATE_FIELDS}, self.generator.get_state()
+
+    def load_state(self, state: dict[str, Any], generator_state: torch.Tensor) -> None:
+        """Resume from :meth:`state` as a checkpoint stored it."""
+        for field in self.STATE_FIELDS:
+            setattr(self, field, state[field])
+        self.generator.set_state(generator_state)
+
     def summary(self, train_seconds: float, train_flops: float) -> dict[str, Any]:
         """The record's ``extraction`` section, less the evaluations of the adapters."""
         return {

@@ -70,7 +70,12 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
     """Bytes autograd keeps from one forward pass for the backward pass: the activation memory
     a variant costs, exactly and on any device (peak RSS on CPU is too coarse to tell
     variants apart). Each storage counts once; the model's own weights and buffers, which
-    autograd saves by reference, are not activations and do not count."""
+    autograd saves by reference, are not activations and do not count. Run it in the context
+    the training forward runs in: under bf16 autocast the saved tensors are bf16, and the
+    bf16 copies of the weights that autograd keeps count too (they live until the backward).
+    With non-reentrant gradient checkpointing only each checkpointed layer's inputs are saved
+    (torch saves them as ordinary saved tensors, so they count); the backward then recomputes
+    one layer's activations at a time, which this does not count."""
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}
 
@@ -135,6 +140,16 @@ class Throughput:
     def resume(self) -> None:
         if self._timing and self._since is None:
             self._since = time.perf_counter()
+
+    def state(self) -> dict[str, float | int | bool]:
+        """The counters so far, for a checkpoint; call it paused."""
+        return {"steps": self.steps, "samples": self.samples, "tokens": self.tokens, "seconds": self.seconds, "timing": self._timing}
+
+    def restore(self, state: dict[str, float | int | bool]) -> None:
+        """Continue from a checkpoint's counters (then ``resume`` starts the clock again): the
+        resumed run's tokens/s covers the timed steps of both processes."""
+        self.steps, self.samples, self.tokens, self.seconds = state["steps"], state["samples"], state["tokens"], state["seconds"]
+        self._timing = state["timing"]
 
     def summary(self) -> dict[str, float | int | None]:
         self.pause()

@@ -16,6 +16,10 @@ Layout (``SCHEMA_VERSION`` 1)::
     train           {steps, samples, tokens, wall_s, timed_s, timed_steps,
                      tokens_per_s, samples_per_s, peak_memory_mb, peak_memory_kind,
                      activation_mb (autograd's saved tensors for the longest batch),
+                     precision ("fp32" | "bf16": what ran, precision=auto resolved),
+                     checkpoint_every, resumed_from_step (null, or the step of the
+                     checkpoint a killed run resumed from; wall_s, timed_s and peak
+                     memory then span both processes),
                      loss_curve[[step, loss]], val_curve[[step, value]]}
     eval            {split, n, metrics{name: value}, primary, primary_value}
     extraction      null | {...}   (parasitic extraction, full fine-tuning only)
@@ -33,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+# Metrics where smaller is better (a best score is a minimum): analysis and sweeps read this.
+LOWER_IS_BETTER = frozenset({"loss", "eval_loss", "perplexity", "ppl", "wer", "cer", "ter", "forgetting"})
 
 SECTIONS = ("schema_version", "status", "error", "run", "params", "train", "eval", "extraction", "meta")
 

@@ -8,6 +8,9 @@ Hyper-parameters form one flat namespace: engine settings (below), the training 
 rejected before anything loads; a bad data file or a rank too large for a layer before
 training starts. Such input errors exit with status 2 and write no record. A run that fails
 while training (a diverging loss, out of memory, ...) writes a record with ``status: failed``.
+With ``checkpoint_every``, a run killed part-way leaves a checkpoint beside its record, and
+the same command resumes from it (lorabench/checkpoint.py); one written under another
+config hash is refused, with status 2.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import importlib.metadata
 import math
 import os
@@ -23,6 +27,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +38,9 @@ import yaml
 
 import tasks
 import variants
-from lorabench import adapters, extract, measure, models, quantize, records
+from lorabench import adapters, checkpoint, extract, measure, models, quantize, records, sweep
 from lorabench.registry import UnknownNameError
-from lorabench.train import DivergedError, TrainConfig, collate, evaluate, train
+from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, resolve_precision, train
 
 ENGINE_DEFAULTS: dict[str, Any] = {
     "model": None,
@@ -53,6 +58,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "extract": None,
     "forgetting_tokens": 8192,
     "save_adapter": True,
+    "score_split": "eval",
     "device": "auto",
     "threads": 0,
 }
@@ -70,6 +76,7 @@ ENGINE_HELP = {
     "quantize_base": "none | nf4 | int8: the frozen base in bitsandbytes 4-bit NF4 (QLoRA) or 8-bit layers",
     "extract": "full runs: parasitic extraction settings, e.g. {interval: 50, threshold: 0.9} (lorabench/extract.py)",
     "forgetting_tokens": "decoder runs: tokens of the reference text (Shakespeare test) scored before and after (0: skip)",
+    "score_split": "eval | val: what the record's scores are on (val: the validation split carved from train, for sweeps)",
     "device": "auto | cpu | cuda | cuda:N",
     "threads": "torch CPU threads (0: torch's default)",
     "eval_every": "steps between validation evaluations (0: none)",
@@ -77,12 +84,21 @@ ENGINE_HELP = {
     "epochs": "passes over the training examples; when > 0 it sets max_steps (rounded up)",
     "timing_warmup_steps": "first steps left out of tokens/s",
     "bucket_batches": "batches per length-sorted bucket (0: no length bucketing)",
+    "precision": "auto | fp32 | bf16: bf16 runs forward passes (training and evaluation) under autocast, weights stay float32; "
+                 "auto: bf16 on a CUDA device that supports it, else fp32",
+    "gradient_checkpointing": "recompute each transformer layer's activations in the backward pass instead of keeping them: "
+                              "less activation memory for about one more forward pass of time",
+    "checkpoint_every": "optimizer steps between checkpoints beside the record (seedS.ckpt.safetensors), "
+                        "from which a killed run resumes (0: none)",
 }
 DEFAULT_MODEL = {"encoder": "minilm", "decoder": "smollm2"}
-MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter")
+# Left out of the config hash: a run's results do not depend on them (a checkpoint resumes across them).
+MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter", "checkpoint_every")
 POSITIVE = ("lr", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "eval_every", "timing_warmup_steps", "bucket_batches",
-                "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens", "max_steps", "epochs")
+                "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens", "max_steps", "epochs",
+                "checkpoint_every")
+SCORE_SPLITS = ("eval", "val")
 FORGETTING_REFERENCE = "shakespeare"  # the task whose eval text measures what a decoder forgets
 PACKAGES = ("lorabench", "torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
 
@@ -167,8 +183,14 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
             extract.ExtractConfig.from_dict(hparams["extract"])
         except (extract.ExtractConfigError, TypeError) as error:
             raise ConfigError(str(error)) from error
+    if hparams["score_split"] not in SCORE_SPLITS:
+        raise ConfigError(f"score_split={hparams['score_split']!r}: use one of {', '.join(SCORE_SPLITS)}")
+    if hparams["score_split"] == "val" and hparams["val_size"] == 0:
+        raise ConfigError("score_split=val scores the validation split carved from train, and val_size=0 carves none: set val_size")
     if not 0 <= hparams["warmup_ratio"] < 1:
         raise ConfigError(f"warmup_ratio={hparams['warmup_ratio']} must be in [0, 1)")
+    if hparams["precision"] not in PRECISIONS:
+        raise ConfigError(f"precision={hparams['precision']!r}: use one of {', '.join(PRECISIONS)}")
     try:
         variants.make_config(variant, hparams)
     except (TypeError, ValueError) as error:
@@ -213,9 +235,40 @@ def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = N
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto``: a GPU of its own when there is one (see :func:`claim_gpu`), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return claim_gpu() if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
+
+
+GPU_LOCKS = Path(tempfile.gettempdir()) / "lorabench-gpu-locks"
+GPU_WAIT_S = 5.0
+_claimed_gpu: list = []  # the open lock file of the GPU this process holds, until it exits
+
+
+def claim_gpu() -> torch.device:
+    """The first visible GPU no other lorabench run holds, waiting for one when all are taken,
+    so that local jobs (``snakemake --cores all`` on a GPU machine) keep one run per GPU and
+    their peak memory and throughput stay their own. A lock per physical GPU (its UUID, so that
+    jobs of different SLURM allocations on one node, each seeing its own GPU as cuda:0, do not
+    wait for each other); the operating system drops it when the process ends, however it ends.
+    ``--set device=cuda:N`` skips this."""
+    GPU_LOCKS.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for index in range(torch.cuda.device_count()):
+            handle = open(GPU_LOCKS / f"{torch.cuda.get_device_properties(index).uuid}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            _claimed_gpu.append(handle)
+            return torch.device("cuda", index)
+        if not waited:
+            print(f"lorabench: every GPU is held by another run; waiting (locks in {GPU_LOCKS})", file=sys.stderr, flush=True)
+            waited = True
+        time.sleep(GPU_WAIT_S)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -254,8 +307,13 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def execute(task_name: str, variant_name: str, seed: int, setting: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Run and write the record at ``out``; input errors raise before a record exists."""
+def execute(task_name: str, variant_name: str, seed: int, setting: str, overrides: dict[str, Any], out: Path,
+            selection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run and write the record at ``out``; input errors raise before a record exists. A sweep's
+    ``selection`` (``lorabench.sweep``) sets its hyper-parameters over ``overrides`` and is
+    kept in the record."""
+    if selection is not None:
+        overrides = {**overrides, **selection["hparams"]}
     task, variant = tasks.get(task_name), variants.get(variant_name)
     hparams = resolve_hparams(task_name, variant_name, overrides)
     device = pick_device(hparams["device"])
@@ -264,10 +322,14 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     seed_everything(seed)
     variant_cfg = variants.make_config(variant, hparams)
     train_cfg = TrainConfig(**{f.name: hparams[f.name] for f in dataclasses.fields(TrainConfig)})
+    train_cfg.precision = resolve_precision(train_cfg.precision, device)
     hashed = {key: value for key, value in hparams.items() if key not in MACHINE_LOCAL}
     run_section = {"task": task_name, "variant": variant_name, "setting": setting, "model": hparams["model"],
                    "seed": seed, "hparams": hparams, "config_hash": records.config_hash(hashed)}
+    if selection is not None:
+        run_section["selection"] = selection
     record = records.new_record(run_section, environment(device))
+    checkpointer = checkpoint.Checkpointer(out, run_section["config_hash"], train_cfg.checkpoint_every, device, train_cfg.precision)
 
     source = task.resolve_source(hparams["data_dir"], hparams["data_source"])
     splits = split_sizes(task.load(hparams["data_dir"], source), hparams, task.sample_by)
@@ -275,10 +337,14 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     if source == "local" and task.local_note:
         record["run"]["data_note"] = task.local_note
     model, tokenizer = load_model(task, hparams)
+    if train_cfg.gradient_checkpointing and not model.supports_gradient_checkpointing:
+        raise ConfigError(f"gradient_checkpointing=true: {type(model).__name__} ({hparams['model']}) does not support it; "
+                          "set gradient_checkpointing=false")
     model.to(device)
     reference = forgetting_reference(task, tokenizer, hparams)
     if reference:
-        forgetting_before = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
+        with autocast(device, train_cfg.precision):
+            forgetting_before = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
     quantize.quantize_base(model, hparams["quantize_base"])
     adapters.attach(model, variant, variant_cfg, hparams["targets"])
     encoded = {name: task.encode(tokenizer, split, hparams["max_length"], hparams["truncation"]) for name, split in splits.items()}
@@ -295,15 +361,19 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     print(f"lorabench: training {task_name}/{variant_name} seed {seed}: {len(encoded['train'])} examples, "
           f"{train_cfg.max_steps} steps, {record['params']['trainable']:,} trainable parameters", file=sys.stderr, flush=True)
     measure.reset_peak_memory(device)
-    started = time.perf_counter()
+    started = checkpointer.begin()  # resumed: moved back by the seconds the killed process ran
     try:
-        loop_started = time.perf_counter()
         record["train"] = train(model, variant, variant_cfg, task, encoded["train"], encoded["val"], train_cfg, tokenizer.pad_token_id,
-                                device, seed, extractor)
-        loop_seconds = time.perf_counter() - loop_started
-        metrics = score(model, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+                                device, seed, extractor, checkpointer)
+        loop_seconds = time.perf_counter() - started
+        with autocast(device, train_cfg.precision):
+            if hparams["score_split"] == "val":
+                metrics = evaluate(model, encoded["val"], task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)
+            else:
+                metrics = score(model, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+            if reference:
+                after = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
         if reference:
-            after = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
             metrics["forgetting"] = after - forgetting_before
             forgetting = {"reference": f"{FORGETTING_REFERENCE} eval split, first {hparams['forgetting_tokens']} tokens",
                           "loss_before": forgetting_before, "loss_after": after}
@@ -312,15 +382,21 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
         record["error"] = {"type": type(error).__name__, "message": str(error), "step": getattr(error, "step", None)}
         record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         records.write_atomic(out, record)
+        checkpointer.remove()
         return record
     record["train"]["wall_s"] = time.perf_counter() - started
-    record["train"]["peak_memory_mb"], record["train"]["peak_memory_kind"] = measure.peak_memory(device)
+    record["train"]["peak_memory_mb"], record["train"]["peak_memory_kind"] = checkpointer.peak_memory()
     if hasattr(variant, "report"):
         record["params"]["variant_report"] = variant.report(model)
-    record["train"]["activation_mb"] = activation_mb(model, encoded["train"], train_cfg.batch_size, tokenizer.pad_token_id, device)
-    record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
-                      "primary": task.primary, "primary_value": metrics[task.primary]}
-    if task.sample_by:
+    record["train"]["activation_mb"] = activation_mb(model, encoded["train"], train_cfg.batch_size, tokenizer.pad_token_id, device,
+                                                     train_cfg.precision)
+    if hparams["score_split"] == "val":
+        record["eval"] = {"split": sweep.VALIDATION_SPLIT, "n": len(encoded["val"]), "metrics": metrics,
+                          "primary": task.val_metric, "primary_value": metrics[task.val_metric]}
+    else:
+        record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
+                          "primary": task.primary, "primary_value": metrics[task.primary]}
+    if task.sample_by and hparams["score_split"] == "eval":
         record["eval"]["inputs"] = len(set(splits["eval"][task.sample_by]))
     if reference:
         record["eval"]["forgetting"] = forgetting
@@ -335,6 +411,7 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record["status"] = "ok"
     record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records.write_atomic(out, record)
+    checkpointer.remove()
     return record
 
 
@@ -370,7 +447,8 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
     evaluations = []
     for kind, value, ranks in extract.adapter_plan(extractor.last, extractor.cfg):
         extract.attach_extracted(base, extractor.last, ranks)
-        metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+        with autocast(device, train_cfg.precision):
+            metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
         evaluations.append({"kind": kind, "value": value, "metrics": metrics, "primary_value": metrics[task.primary],
                             "trainable": measure.parameter_counts(base)["trainable"],
                             "mean_rank": sum(ranks.values()) / len(ranks),
@@ -385,7 +463,8 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
                 section["int8_adapter_path"], section["int8_adapter_bytes"] = str(path), measure.file_bytes(path)
                 adapters.detach(base)
                 adapters.load(base, path)
-                metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+                with autocast(device, train_cfg.precision):
+                    metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
                 evaluations.append({**evaluations[-1], "kind": "threshold_int8", "metrics": metrics, "primary_value": metrics[task.primary]})
         adapters.detach(base)
     section["evaluations"] = evaluations
@@ -409,12 +488,14 @@ def forgetting_reference(task: tasks.Task, tokenizer, hparams: dict[str, Any]) -
     return kept
 
 
-def activation_mb(model, examples: list[dict], batch_size: int, pad_id: int, device: torch.device) -> float:
+def activation_mb(model, examples: list[dict], batch_size: int, pad_id: int, device: torch.device, precision: str) -> float:
     """Activation memory of a training step on the longest batch: what the variant itself
-    costs, comparable across devices (CPU peak RSS is too coarse to separate variants)."""
+    costs, comparable across devices (CPU peak RSS is too coarse to separate variants), in
+    the precision and with the gradient checkpointing the run trained with."""
     longest = sorted(examples, key=lambda example: len(example["input_ids"]))[-batch_size:]
     model.train()
-    return measure.saved_activation_bytes(model, collate(longest, pad_id, device)) / 2**20
+    with autocast(device, precision):
+        return measure.saved_activation_bytes(model, collate(longest, pad_id, device)) / 2**20
 
 
 def hyper_parameter_help() -> str:
@@ -422,7 +503,7 @@ def hyper_parameter_help() -> str:
     train_defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     lines = ["hyper-parameters (--set KEY=VALUE) and their defaults:"]
     for key, value in {**ENGINE_DEFAULTS, **train_defaults}.items():
-        lines.append(f"  {key}={value}".ljust(28) + ENGINE_HELP.get(key, ""))
+        lines.append(f"  {key}={value}".ljust(27) + " " + ENGINE_HELP.get(key, ""))
     for name, variant in variants.REGISTRY.items():
         fields = variants.config_fields(variant)
         if fields:
@@ -450,11 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a hyper-parameter")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--out", help="record path (default: RESULTS/runs/TASK/VARIANT/SETTING/seedS.json)")
+    parser.add_argument("--selection", help="a sweep's selection file (python -m lorabench.sweep): its hyper-parameters win over --set")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else records.record_path(args.results, args.task, args.variant, args.setting, args.seed)
     try:
-        record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out)
-    except (ConfigError, tasks.DataError, adapters.AdapterError, quantize.QuantizeError, UnknownNameError, FileNotFoundError) as error:
+        selection = sweep.read_selection(args.selection) if args.selection else None
+        record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out, selection)
+    except (ConfigError, tasks.DataError, adapters.AdapterError, quantize.QuantizeError, UnknownNameError, FileNotFoundError,
+            sweep.SelectionError, checkpoint.CheckpointError) as error:
         print(f"lorabench.run: error: {error}", file=sys.stderr)
         return 2
     summary = f"{record['status']}: {args.task}/{args.variant} seed {args.seed}"

@@ -6,6 +6,11 @@ variants it applies to. A run's overrides are layered: ``hparams.all`` < ``hpara
 include the run (say, extraction for ``full`` on two tasks only) < the setting's ``hparams``. Each run's hyper-parameters are
 resolved here, when Snakemake reads the Snakefile, so a wrong key or value fails the whole
 DAG at once, naming the config entry, instead of failing one job an hour in.
+
+A study's ``lr_sweep`` adds, for each swept task x variant x setting, one sweep run per rate
+of the variant's grid and sweep seed (records under ``sweeps/``, scored on the validation
+split carved from train), and makes the setting's final runs take their rate from the
+sweep's selection file (``lorabench.sweep``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ import variants
 from lorabench.run import ConfigError, resolve_hparams
 
 
+RUNS = "runs"  # the folder of the study's runs, which analysis reads
+SWEEPS = "sweeps"  # the folder of learning-rate sweep runs and their selection files
+# What a sweep run changes from its setting's final run: it scores the validation split only,
+# and keeps nothing it does not need to (no adapter, no extraction, no forgetting score).
+SWEEP_OVERRIDES = {"score_split": "val", "save_adapter": False, "extract": None, "forgetting_tokens": 0}
+
+
 @dataclass(frozen=True)
 class Run:
     task: str
@@ -28,17 +40,45 @@ class Run:
     setting: str
     seed: int
     overrides: tuple[tuple[str, Any], ...]
+    folder: str = RUNS
+    selection: str | None = None  # a swept setting's final run: the setting's sweep (its selection file)
 
     @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.task, self.variant, self.setting, self.seed)
+    def key(self) -> tuple[str, str, str, str, int]:
+        return (self.folder, self.task, self.variant, self.setting, self.seed)
 
     def record(self, results: str) -> str:
-        return f"{results}/runs/{self.task}/{self.variant}/{self.setting}/seed{self.seed}.json"
+        return f"{results}/{self.folder}/{self.task}/{self.variant}/{self.setting}/seed{self.seed}.json"
+
+    def inputs(self, results: str) -> dict[str, str]:
+        """What the training job needs before it starts: the selection file of a swept setting."""
+        return {"selection": f"{results}/{self.selection}"} if self.selection else {}
 
     def cli_sets(self) -> str:
         """``key=value`` words for ``lorabench.run --set``, each shell-quoted."""
         return " ".join(shlex.quote(f"{key}={_yaml_scalar(value)}") for key, value in self.overrides)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One task x variant x setting whose learning rate is chosen from a grid."""
+
+    task: str
+    variant: str
+    setting: str
+    runs: tuple[Run, ...]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.task, self.variant, self.setting)
+
+    @property
+    def selection(self) -> str:
+        """The selection file, relative to the results folder."""
+        return selection_path(self.task, self.variant, self.setting)
+
+    def records(self, results: str) -> list[str]:
+        return [run.record(results) for run in self.runs]
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -57,7 +97,66 @@ def _check_names(names: list[str], kind: str, where: str) -> None:
 
 
 def expand(config: dict[str, Any]) -> list[Run]:
-    """All runs of a study, in a stable order, each with its hyper-parameters checked."""
+    """All runs of a study, in a stable order, each with its hyper-parameters checked; a swept
+    setting's final runs name their sweep, whose runs come from :func:`expand_sweeps`."""
+    _check_config_names(config)
+    runs = []
+    for setting, task, variant, overrides in _combinations(config):
+        selection = selection_path(task, variant, setting) if _swept(config, setting, task, variant) else None
+        for seed in config["seeds"]:
+            runs.append(Run(task, variant, setting, seed, tuple(overrides.items()), selection=selection))
+    return runs
+
+
+def selection_path(task: str, variant: str, setting: str) -> str:
+    """A swept setting's selection file, relative to the results folder."""
+    return f"{SWEEPS}/{task}/{variant}/{setting}/selected.json"
+
+
+def _swept(config: dict[str, Any], setting: str, task: str, variant: str) -> bool:
+    spec = config.get("lr_sweep")
+    return bool(spec) and setting in spec.get("settings", ["default"]) and _applies(spec, task, variant)
+
+
+def expand_sweeps(config: dict[str, Any]) -> list[Sweep]:
+    """The learning-rate sweeps of a study (``lr_sweep``): per swept task x variant x setting,
+    one run per rate of the variant's grid and sweep seed, each checked like any run."""
+    spec = config.get("lr_sweep")
+    if not spec:
+        return []
+    _check_config_names(config)
+    grids = spec["grids"]
+    _check_names([name for name in grids if name != "all"], "variants", "'lr_sweep.grids'")
+    for kind in ("tasks", "variants"):
+        _check_names(spec.get(kind, []), kind, f"'lr_sweep.{kind}'")
+    unknown = sorted(set(spec.get("settings", [])) - set(config["settings"]))
+    if unknown:
+        raise ConfigError(f"config 'lr_sweep.settings': unknown settings {unknown}; settings of this study: {', '.join(config['settings'])}")
+    sweeps = []
+    for setting, task, variant, overrides in _combinations(config):
+        if not _swept(config, setting, task, variant):
+            continue
+        grid = grids.get(variant, grids.get("all"))
+        if grid is None:
+            raise ConfigError(f"config 'lr_sweep.grids' has no grid for variant {variant!r}: add 'all' or {variant!r}")
+        where = f"config 'lr_sweep', setting {setting!r}, task {task!r}, variant {variant!r}"
+        base = {**overrides, **spec.get("hparams", {}), **SWEEP_OVERRIDES}
+        hparams = _resolve(where, task, variant, base)
+        if hparams["max_steps"] == 0 and hparams["epochs"] == 0:
+            raise ConfigError(f"{where}: the setting trains no step (max_steps=0); leave it out of lr_sweep.settings")
+        if hparams["val_size"] == 0:
+            raise ConfigError(f"{where}: val_size=0, and a sweep selects on a validation split carved from train; "
+                              "set val_size in hparams (or in lr_sweep.hparams)")
+        runs = []
+        for lr in grid:
+            _resolve(where, task, variant, {**base, "lr": lr})
+            for seed in spec.get("seeds", config["seeds"][:1]):
+                runs.append(Run(task, variant, f"{setting}.lr{lr:g}", seed, tuple({**base, "lr": lr}.items()), folder=SWEEPS))
+        sweeps.append(Sweep(task, variant, setting, tuple(runs)))
+    return sweeps
+
+
+def _check_config_names(config: dict[str, Any]) -> None:
     hparams = config.get("hparams", {})
     for kind in ("tasks", "variants"):
         _check_names(config[kind], kind, f"'{kind}'")
@@ -65,7 +164,11 @@ def expand(config: dict[str, Any]) -> list[Run]:
             _check_names(entry.get(kind, []), kind, f"'hparams.where' entry {number}")
         for setting, spec in config["settings"].items():
             _check_names(spec.get(kind, []), kind, f"setting {setting!r}")
-    runs = []
+
+
+def _combinations(config: dict[str, Any]):
+    """(setting, task, variant, overrides) of every run but its seed, overrides checked."""
+    hparams = config.get("hparams", {})
     for setting, spec in config["settings"].items():
         for task in spec.get("tasks", config["tasks"]):
             for variant in spec.get("variants", config["variants"]):
@@ -77,10 +180,12 @@ def expand(config: dict[str, Any]) -> list[Run]:
                     **{key: value for entry in hparams.get("where", []) if _applies(entry, task, variant) for key, value in entry["hparams"].items()},
                     **spec.get("hparams", {}),
                 }
-                try:
-                    resolve_hparams(task, variant, overrides)
-                except (ConfigError, KeyError) as error:
-                    raise ConfigError(f"config setting {setting!r}, task {task!r}, variant {variant!r}: {error}") from error
-                for seed in config["seeds"]:
-                    runs.append(Run(task, variant, setting, seed, tuple(overrides.items())))
-    return runs
+                _resolve(f"config setting {setting!r}, task {task!r}, variant {variant!r}", task, variant, overrides)
+                yield setting, task, variant, overrides
+
+
+def _resolve(where: str, task: str, variant: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return resolve_hparams(task, variant, overrides)
+    except (ConfigError, KeyError) as error:
+        raise ConfigError(f"{where}: {error}") from error

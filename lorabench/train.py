@@ -4,12 +4,20 @@ Batches are length-bucketed (examples of similar length share a batch, then batc
 shuffled) and padded per batch, so little compute goes to padding. The learning rate warms
 up linearly and decays linearly to zero. A non-finite loss stops training with
 ``DivergedError``, which the run turns into a failed record.
+
+``precision=bf16`` runs forward passes (training and evaluation) under bf16 autocast while
+the weights, gradients and AdamW's moments stay float32; ``auto`` picks it on CUDA devices
+that support it. ``gradient_checkpointing`` keeps only each transformer layer's input and
+recomputes the rest in the backward pass. ``checkpoint_every`` saves the loop's whole state
+(lorabench/checkpoint.py) so that a killed run resumes to the same result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -36,6 +44,12 @@ class TrainConfig:
     log_every: int = 10
     timing_warmup_steps: int = 5
     bucket_batches: int = 50
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class DivergedError(RuntimeError):
@@ -115,6 +129,30 @@ def training_loss(model: nn.Module, variant, batch: dict) -> tuple[torch.Tensor,
     return task_loss, task_loss
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses: ``auto`` is bf16 on a CUDA device that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context forward passes run in: bf16 autocast (on CPU too), or nothing for fp32.
+    Backward passes, optimizer steps and variants' weight updates stay outside it."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant torch.utils.checkpoint around each transformer layer: the forward keeps the
+    layer's inputs only, the backward runs the layer again (adapter hooks included, so their
+    parameters get gradients; dropout repeats its masks). Active in training mode only."""
+    with warnings.catch_warnings():  # every transformers 5 has this name; later 5.x deprecate it for activation_checkpointing_enable
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*deprecated", category=FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
 
@@ -172,9 +210,12 @@ def evaluate(model, examples, task, pad_id, batch_size, device) -> dict[str, flo
 
 
 def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: TrainConfig, pad_id: int, device: torch.device, seed: int,
-          extractor=None) -> dict:
+          extractor=None, checkpointer=None) -> dict:
     """Train in place; return the record's ``train`` section (without memory, added by run).
-    An ``extractor`` (lorabench.extract) sees the weights after every step, off the clock."""
+    An ``extractor`` (lorabench.extract) sees the weights after every step, off the clock. A
+    ``checkpointer`` (lorabench.checkpoint) holding a killed run's checkpoint resumes from it
+    and saves one every ``cfg.checkpoint_every`` steps, off the clock too. ``cfg.precision``
+    must be resolved (``resolve_precision``)."""
     generator = torch.Generator().manual_seed(seed)
     batches = endless_batches(train_examples, cfg, generator)
     optimizer = make_optimizer(model, variant, variant_cfg, cfg)
@@ -183,16 +224,32 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
     throughput = measure.Throughput(device, cfg.timing_warmup_steps)
     loss_curve, val_curve = [], []
     samples_seen = tokens_seen = 0
+    resumed_from = None
+    if checkpointer is not None and checkpointer.resumed is not None:
+        state = checkpointer.restore(model, optimizer, schedule, throughput, extractor)
+        resumed_from = state["step"]
+        loss_curve, val_curve, samples_seen, tokens_seen = state["loss_curve"], state["val_curve"], state["samples"], state["tokens"]
+        for _ in range(resumed_from * cfg.grad_accum):
+            next(batches)  # the batch stream replayed: index lists drawn, nothing collated
+        checkpointer.check_batches(generator)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
 
     model.train()
-    throughput.begin()
+    if resumed_from is None:
+        throughput.begin()
+    else:
+        throughput.resume()
+    done = resumed_from or 0
     interactive = sys.stderr.isatty()  # in a job log, a line a minute rather than a line per refresh
-    progress = tqdm(range(1, cfg.max_steps + 1), desc=f"{task.name}/{variant.name}", mininterval=1 if interactive else 60, leave=interactive)
+    progress = tqdm(range(done + 1, cfg.max_steps + 1), desc=f"{task.name}/{variant.name}", initial=done, total=cfg.max_steps,
+                    mininterval=1 if interactive else 60, leave=interactive)
     for step in progress:
         step_loss = step_samples = step_tokens = 0
         for _ in range(cfg.grad_accum):
             batch = collate(next(batches), pad_id, device)
-            loss, task_loss = training_loss(model, variant, batch)
+            with autocast(device, cfg.precision):
+                loss, task_loss = training_loss(model, variant, batch)
             (loss / cfg.grad_accum).backward()
             step_loss += task_loss.item() / cfg.grad_accum
             step_samples += batch["input_ids"].shape[0]
@@ -215,12 +272,19 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
         score = None
         if cfg.eval_every and val_examples and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             throughput.pause()
-            score = evaluate(model, val_examples, task, pad_id, cfg.eval_batch_size, device)[task.val_metric]
+            with autocast(device, cfg.precision):
+                score = evaluate(model, val_examples, task, pad_id, cfg.eval_batch_size, device)[task.val_metric]
             val_curve.append([step, score])
             throughput.resume()
         if extractor is not None:
             throughput.pause()
             extractor.after_step(step, cfg.max_steps, step_loss, score, higher_is_better=not task.causal)
             throughput.resume()
+        if checkpointer is not None and checkpointer.due(step, cfg.max_steps):
+            throughput.pause()
+            checkpointer.save(model, optimizer, schedule, generator, throughput, extractor, {
+                "step": step, "samples": samples_seen, "tokens": tokens_seen, "loss_curve": loss_curve, "val_curve": val_curve})
+            throughput.resume()
     progress.close()
-    return {"steps": cfg.max_steps, "samples": samples_seen, "tokens": tokens_seen, **throughput.summary(), "loss_curve": loss_curve, "val_curve": val_curve}
+    return {"steps": cfg.max_steps, "samples": samples_seen, "tokens": tokens_seen, **throughput.summary(), "precision": cfg.precision,
+            "checkpoint_every": cfg.checkpoint_every, "resumed_from_step": resumed_from, "loss_curve": loss_curve, "val_curve": val_curve}

@@ -324,3 +324,45 @@ def test_extraction_tables_and_figures_from_known_records(tmp_path):
     assert [ax.get_ylabel() for ax in cost_figure.axes[:2]] == ["% of training time", "% of training FLOPs"]
     for name, figure in {"a": rank_figure, "b": kept_figure, "c": cost_figure}.items():
         assert all(path.stat().st_size > 0 for path in plots.save(figure, tmp_path / "figures" / name))
+
+
+def rewrite(results, task, variant, seed, setting, hparams=None, train=None, selection=None):
+    """Move a record written by ``write_run`` to ``setting``, with extra hyper-parameters,
+    training measurements or a sweep's selection."""
+    path = records.record_path(results, task, variant, "default", seed)
+    record = records.read(path)
+    record["run"]["setting"] = setting
+    record["run"]["hparams"].update(hparams or {})
+    record["train"].update(train or {})
+    if selection is not None:
+        record["run"]["selection"] = selection
+    path.unlink()
+    records.write_atomic(records.record_path(results, task, variant, setting, seed), record)
+
+
+def test_report_shows_the_learning_rate_each_variant_got_and_what_checkpointing_costs(tmp_path):
+    grid = [{"lr": 1e-4, "mean": 0.80, "values": [0.80], "seeds": [0], "failed": 0},
+            {"lr": 1e-3, "mean": 0.86, "values": [0.86], "seeds": [0], "failed": 0},
+            {"lr": 1e-2, "mean": None, "values": [], "seeds": [0], "failed": 1}]
+    selection = {"task": "sst2", "variant": "lora", "hparam": "lr", "grid": [1e-4, 1e-3, 1e-2], "metric": "accuracy",
+                 "split": "validation", "lower_is_better": False, "scores": grid, "chosen": 1e-3, "hparams": {"lr": 1e-3}}
+    for seed in (0, 1):
+        write_run(tmp_path, "sst2", "lora", seed, 0.85, trainable=LORA_PARAMS)
+        rewrite(tmp_path, "sst2", "lora", seed, "default", train={"activation_mb": 100.0}, selection=selection)
+    write_run(tmp_path, "sst2", "full", 0, 0.90, trainable=FULL_PARAMS, peak_mb=800.0)
+    rewrite(tmp_path, "sst2", "full", 0, "gradckpt", hparams={"gradient_checkpointing": True},
+            train={"activation_mb": 50.0, "tokens_per_s": 1200.0})
+    write_run(tmp_path, "sst2", "full", 0, 0.90, trainable=FULL_PARAMS, peak_mb=1000.0)  # written to "default"
+    rewrite(tmp_path, "sst2", "full", 0, "default", train={"activation_mb": 200.0})
+
+    long = aggregate.tidy(aggregate.load_runs(tmp_path))
+    chosen = aggregate.lr_selections(long)
+    assert list(chosen.columns) == aggregate.LR_SELECTION_COLUMNS
+    assert chosen[["lr", "chosen", "failed"]].values.tolist() == [[1e-4, False, 0], [1e-3, True, 0], [1e-2, False, 1]]
+    assert math.isnan(chosen["mean"].iloc[2])
+    text = report.render(long, aggregate.summarize(long), figures=set())
+    rates = text[text.index("## Learning rates") :]
+    assert "| lora | 0.001 | 0.0001, 0.001, 0.01 | 1 | 0.8000 at 0.0001; **0.8600 at 0.001**; failed at 0.01 |" in rates
+    assert "At the edge" not in rates
+    checkpointing = text[text.index("## Gradient checkpointing") : text.index("## Learning rates")]
+    assert "| sst2 | full [gradckpt] | 200 -> 50 (0.25x) | 1000 -> 800 (0.80x) | 1500 -> 1200 (0.80x) | 0.9000 -> 0.9000 |" in checkpointing

@@ -1,6 +1,8 @@
 """The Snakemake DAG end to end on the smoke study, in a temporary folder."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,8 +99,16 @@ def test_smoke_dag_end_to_end(smoke_study):
     assert "lora" in report and "full" in report and "DivergedError" in report
     for table in ("leaderboard", "summary", "glue"):
         assert all((results / "tables" / f"{table}.{ext}").exists() for ext in ("csv", "md", "tex"))
-    assert (results / "benchmarks" / "train" / "sst2" / "lora" / "default" / "seed0.tsv").exists()
-    assert (results / "logs" / "train" / "sst2" / "lora" / "default" / "seed0.log").exists()
+    assert (results / "benchmarks" / "runs" / "sst2" / "lora" / "default" / "seed0.tsv").exists()
+    assert (results / "logs" / "runs" / "sst2" / "lora" / "default" / "seed0.log").exists()
+
+    # The learning-rate sweep: validation-only runs, a selection, the final run at its rate.
+    swept = [records.read(results / "sweeps" / "sst2" / "lora" / f"default.lr{lr}" / "seed0.json") for lr in ("0.0003", "0.001")]
+    assert [r["eval"]["split"] for r in swept] == ["validation", "validation"] and all(r["params"]["adapter_path"] is None for r in swept)
+    selected = json.loads((results / "sweeps" / "sst2" / "lora" / "default" / "selected.json").read_text())
+    final = next(r for r in stored if r["run"]["task"] == "sst2" and r["run"]["variant"] == "lora" and r["run"]["setting"] == "default")
+    assert final["run"]["hparams"]["lr"] == selected["chosen"] and final["run"]["selection"]["grid"] == [3e-4, 1e-3]
+    assert "## Learning rates" in report and (results / "tables" / "lr_selection.csv").exists()
 
     nothing_to_do = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "study.yaml"))
     assert "Nothing to be done" in nothing_to_do.stdout + nothing_to_do.stderr
@@ -168,6 +178,32 @@ def test_html_report_shows_every_figure_in_headless_chromium(smoke_study, tmp_pa
         complete, width, height = shown[f"results/figures/{figure}.png"]
         assert complete and width > 0 and height > 0, figure
         assert (tmp_path / f"{figure}.png").stat().st_size > 0
+
+
+def job_counts(dry_run: str) -> dict[str, int]:
+    """The job-stats table of a dry run: rule -> count."""
+    table = dry_run[dry_run.index("Job stats:") :]
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("profile", ["--workflow-profile=profiles/slurm", "--profile=profiles/slurm", "--profile=profiles/default"])
+def test_the_paper_study_lists_every_job_with_its_resources(profile, tmp_path):
+    """790 runs (13 variants x 10 tasks x 5 seeds, the untrained references, LoRA's ranks,
+    gradient checkpointing and the extraction intervals) and a learning-rate sweep (130
+    settings, 590 runs on seed 0)."""
+    result = snakemake(tmp_path, "-n", profile, "--configfile", str(ROOT / "config" / "paper.yaml"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert job_counts(output) == {"train": 1380, "select_lr": 130, "aggregate": 1, "plots": 1, "report": 1, "all": 1, "total": 1514}
+    config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    sweeps = study.expand_sweeps(config)
+    assert len(study.expand(config)) + sum(len(item.runs) for item in sweeps) == 1380 and len(sweeps) == 130
+    train_resources = re.findall(r"rule train:.*?resources: ([^\n]*)", output, re.DOTALL)
+    assert len(train_resources) == 1380
+    if "slurm" in profile:
+        assert all("gpu=1" in line and "cpus_per_gpu=8" in line and "mem_mb=32000" in line and "runtime=720" in line for line in train_resources)
+    else:
+        assert all("gpu=0" in line for line in train_resources)
 
 
 def test_where_entries_apply_to_the_runs_they_name_and_refuse_unknown_names():
