@@ -53,6 +53,15 @@ EXTRACTION_TABLES = [
 report: "analysis/report/workflow.rst"
 
 
+# Seconds of work each: on a cluster they run where Snakemake runs, not as jobs of their own.
+localrules:
+    all,
+    select_lr,
+    aggregate,
+    plots,
+    report,
+
+
 wildcard_constraints:
     seed=r"\d+",
     folder=f"{study.RUNS}|{study.SWEEPS}",

@@ -437,11 +437,14 @@ def gradient_checkpointing(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
         if with_it.empty or without.empty or setting == DEFAULT_SETTING:
             continue
         a, b = without.iloc[0], with_it.iloc[0]
+        rates = [runs.loc[(runs["task"] == task) & (runs["variant"] == variant) & (runs["setting"] == name), "hp_lr"].iloc[0]
+                 for name in (DEFAULT_SETTING, setting)]
+        rate_note = "" if rates[0] == rates[1] else f" (lr {rates[0]:g} vs {rates[1]:g}: not comparable)"
         rows.append({"task": task, "variant": variant_label(variant, setting),
                      "activation MB": f"{a.activation_mb:.0f} -> {b.activation_mb:.0f} ({b.activation_mb / a.activation_mb:.2f}x)",
                      "peak memory MB": f"{a.peak_memory_mb:.0f} -> {b.peak_memory_mb:.0f} ({b.peak_memory_mb / a.peak_memory_mb:.2f}x)",
                      "tokens/s": f"{a.tokens_per_s:.0f} -> {b.tokens_per_s:.0f} ({b.tokens_per_s / a.tokens_per_s:.2f}x)",
-                     "score": f"{score_text(a.score_mean)} -> {score_text(b.score_mean)}"})
+                     "score": f"{score_text(a.score_mean)} -> {score_text(b.score_mean)}{rate_note}"})
     if not rows:
         return ""
     table = pd.DataFrame(rows)

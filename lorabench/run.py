@@ -243,7 +243,7 @@ def pick_device(name: str) -> torch.device:
 
 GPU_LOCKS = Path(tempfile.gettempdir()) / "lorabench-gpu-locks"
 GPU_WAIT_S = 5.0
-_claimed_gpu: list = []  # the open lock file of the GPU this process holds, until it exits
+_claimed_gpu: list = []  # (open lock file, index) of the GPU this process holds, until it exits
 
 
 def claim_gpu() -> torch.device:
@@ -253,6 +253,8 @@ def claim_gpu() -> torch.device:
     jobs of different SLURM allocations on one node, each seeing its own GPU as cuda:0, do not
     wait for each other); the operating system drops it when the process ends, however it ends.
     ``--set device=cuda:N`` skips this."""
+    if _claimed_gpu:  # this process holds one already (a second run in the same process)
+        return torch.device("cuda", _claimed_gpu[0][1])
     GPU_LOCKS.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
@@ -263,7 +265,8 @@ def claim_gpu() -> torch.device:
             except BlockingIOError:
                 handle.close()
                 continue
-            _claimed_gpu.append(handle)
+            _claimed_gpu.append((handle, index))
+            torch.cuda.set_device(index)  # so that what asks for "the" CUDA device (bitsandbytes, bf16 support) gets this one
             return torch.device("cuda", index)
         if not waited:
             print(f"lorabench: every GPU is held by another run; waiting (locks in {GPU_LOCKS})", file=sys.stderr, flush=True)
@@ -304,6 +307,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
@@ -313,6 +318,10 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     ``selection`` (``lorabench.sweep``) sets its hyper-parameters over ``overrides`` and is
     kept in the record."""
     if selection is not None:
+        chosen_for = (selection.get("task", task_name), selection.get("variant", variant_name))
+        if chosen_for != (task_name, variant_name):
+            raise ConfigError(f"the selection file chose a rate for {'/'.join(chosen_for)}, not for {task_name}/{variant_name}: "
+                              "pass that run's own selection file")
         overrides = {**overrides, **selection["hparams"]}
     task, variant = tasks.get(task_name), variants.get(variant_name)
     hparams = resolve_hparams(task_name, variant_name, overrides)
@@ -331,6 +340,23 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
     record = records.new_record(run_section, environment(device))
     checkpointer = checkpoint.Checkpointer(out, run_section["config_hash"], train_cfg.checkpoint_every, device, train_cfg.precision)
 
+    try:
+        train_and_score(record, task, variant, variant_cfg, hparams, train_cfg, device, seed, out, checkpointer)
+        record["status"] = "ok"
+    except (DivergedError, torch.OutOfMemoryError) as error:
+        # Out of memory anywhere (moving the model, training, scoring, extracting, saving) or a
+        # diverging loss: a failed record with the reason, so the DAG goes on and the report shows it.
+        record["status"] = "failed"
+        record["error"] = {"type": type(error).__name__, "message": str(error), "step": getattr(error, "step", None)}
+    record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    records.write_atomic(out, record)
+    checkpointer.remove()
+    return record
+
+
+def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_cfg, hparams: dict[str, Any], train_cfg: TrainConfig,
+                    device: torch.device, seed: int, out: Path, checkpointer: checkpoint.Checkpointer) -> None:
+    """Load, train, score and save, filling in ``record``; input errors raise before training."""
     source = task.resolve_source(hparams["data_dir"], hparams["data_source"])
     splits = split_sizes(task.load(hparams["data_dir"], source), hparams, task.sample_by)
     record["run"]["data_source"] = source
@@ -358,32 +384,24 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
                                       models.checkpoint_folder(hparams["model"], hparams["model_source"]), device, warmup, seed)
     record["run"]["data"] = {name: len(rows) for name, rows in encoded.items()}
 
-    print(f"lorabench: training {task_name}/{variant_name} seed {seed}: {len(encoded['train'])} examples, "
+    print(f"lorabench: training {task.name}/{variant.name} seed {seed}: {len(encoded['train'])} examples, "
           f"{train_cfg.max_steps} steps, {record['params']['trainable']:,} trainable parameters", file=sys.stderr, flush=True)
     measure.reset_peak_memory(device)
     started = checkpointer.begin()  # resumed: moved back by the seconds the killed process ran
-    try:
-        record["train"] = train(model, variant, variant_cfg, task, encoded["train"], encoded["val"], train_cfg, tokenizer.pad_token_id,
-                                device, seed, extractor, checkpointer)
-        loop_seconds = time.perf_counter() - started
-        with autocast(device, train_cfg.precision):
-            if hparams["score_split"] == "val":
-                metrics = evaluate(model, encoded["val"], task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)
-            else:
-                metrics = score(model, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
-            if reference:
-                after = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
+    record["train"] = train(model, variant, variant_cfg, task, encoded["train"], encoded["val"], train_cfg, tokenizer.pad_token_id,
+                            device, seed, extractor, checkpointer)
+    loop_seconds = time.perf_counter() - started
+    with autocast(device, train_cfg.precision):
+        if hparams["score_split"] == "val":
+            metrics = evaluate(model, encoded["val"], task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)
+        else:
+            metrics = score(model, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
         if reference:
-            metrics["forgetting"] = after - forgetting_before
-            forgetting = {"reference": f"{FORGETTING_REFERENCE} eval split, first {hparams['forgetting_tokens']} tokens",
-                          "loss_before": forgetting_before, "loss_after": after}
-    except (DivergedError, torch.OutOfMemoryError) as error:
-        record["status"] = "failed"
-        record["error"] = {"type": type(error).__name__, "message": str(error), "step": getattr(error, "step", None)}
-        record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        records.write_atomic(out, record)
-        checkpointer.remove()
-        return record
+            after = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
+    if reference:
+        metrics["forgetting"] = after - forgetting_before
+        forgetting = {"reference": f"{FORGETTING_REFERENCE} eval split, first {hparams['forgetting_tokens']} tokens",
+                      "loss_before": forgetting_before, "loss_after": after}
     record["train"]["wall_s"] = time.perf_counter() - started
     record["train"]["peak_memory_mb"], record["train"]["peak_memory_kind"] = checkpointer.peak_memory()
     if hasattr(variant, "report"):
@@ -405,14 +423,9 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
                                                   loop_seconds - extractor.seconds, record)
     if hparams["save_adapter"]:
         adapter_path = out.with_suffix(".safetensors")
-        adapters.save(model, adapter_path, {"task": task_name, "model": hparams["model"], "seed": str(seed)})
+        adapters.save(model, adapter_path, {"task": task.name, "model": hparams["model"], "seed": str(seed)})
         record["params"]["adapter_path"] = str(adapter_path)
         record["params"]["adapter_bytes"] = measure.file_bytes(adapter_path)
-    record["status"] = "ok"
-    record["meta"]["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    records.write_atomic(out, record)
-    checkpointer.remove()
-    return record
 
 
 def load_model(task: tasks.Task, hparams: dict[str, Any]):

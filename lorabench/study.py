@@ -31,6 +31,8 @@ SWEEPS = "sweeps"  # the folder of learning-rate sweep runs and their selection 
 # What a sweep run changes from its setting's final run: it scores the validation split only,
 # and keeps nothing it does not need to (no adapter, no extraction, no forgetting score).
 SWEEP_OVERRIDES = {"score_split": "val", "save_adapter": False, "extract": None, "forgetting_tokens": 0}
+# What decides the examples a run trains and is validated on: a sweep takes its final runs'.
+SAME_DATA = ("val_size", "train_size", "data_seed", "data_dir", "data_source")
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,13 @@ def expand_sweeps(config: dict[str, Any]) -> list[Sweep]:
     _check_names([name for name in grids if name != "all"], "variants", "'lr_sweep.grids'")
     for kind in ("tasks", "variants"):
         _check_names(spec.get(kind, []), kind, f"'lr_sweep.{kind}'")
-    unknown = sorted(set(spec.get("settings", [])) - set(config["settings"]))
+    unknown = sorted(set(spec.get("settings", ["default"])) - set(config["settings"]))
     if unknown:
         raise ConfigError(f"config 'lr_sweep.settings': unknown settings {unknown}; settings of this study: {', '.join(config['settings'])}")
+    changes_data = sorted(set(spec.get("hparams", {})) & set(SAME_DATA))
+    if changes_data:
+        raise ConfigError(f"config 'lr_sweep.hparams' sets {changes_data}: the sweep must see the data its final runs train on; "
+                          "set them in the study's hparams instead")
     sweeps = []
     for setting, task, variant, overrides in _combinations(config):
         if not _swept(config, setting, task, variant):
@@ -140,19 +146,27 @@ def expand_sweeps(config: dict[str, Any]) -> list[Sweep]:
         if grid is None:
             raise ConfigError(f"config 'lr_sweep.grids' has no grid for variant {variant!r}: add 'all' or {variant!r}")
         where = f"config 'lr_sweep', setting {setting!r}, task {task!r}, variant {variant!r}"
-        base = {**overrides, **spec.get("hparams", {}), **SWEEP_OVERRIDES}
-        hparams = _resolve(where, task, variant, base)
+        hparams = _resolve(where, task, variant, {**overrides, **spec.get("hparams", {})})
         if hparams["max_steps"] == 0 and hparams["epochs"] == 0:
             raise ConfigError(f"{where}: the setting trains no step (max_steps=0); leave it out of lr_sweep.settings")
         if hparams["val_size"] == 0:
             raise ConfigError(f"{where}: val_size=0, and a sweep selects on a validation split carved from train; "
-                              "set val_size in hparams (or in lr_sweep.hparams)")
+                              "set val_size in the study's hparams (all or task), so that its final runs train on the same examples")
+        if "max_steps" in spec.get("hparams", {}) and hparams["epochs"] > 0:
+            raise ConfigError(f"{where}: lr_sweep.hparams sets max_steps, but epochs={hparams['epochs']:g} sets the steps; "
+                              "set epochs in lr_sweep.hparams (or epochs: 0 with max_steps)")
+        base = {**overrides, **spec.get("hparams", {}), **SWEEP_OVERRIDES}
+        names = [f"{setting}.lr{lr:g}" for lr in grid]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"config 'lr_sweep.grids' for {variant!r}: rates {grid} are not distinct in 6 significant digits")
         runs = []
-        for lr in grid:
+        for lr, name in zip(grid, names):
             _resolve(where, task, variant, {**base, "lr": lr})
             for seed in spec.get("seeds", config["seeds"][:1]):
-                runs.append(Run(task, variant, f"{setting}.lr{lr:g}", seed, tuple({**base, "lr": lr}.items()), folder=SWEEPS))
+                runs.append(Run(task, variant, name, seed, tuple({**base, "lr": lr}.items()), folder=SWEEPS))
         sweeps.append(Sweep(task, variant, setting, tuple(runs)))
+    if not sweeps:
+        raise ConfigError("config 'lr_sweep' sweeps no run: its tasks, variants and settings match none of the study's")
     return sweeps
 
 

@@ -24,7 +24,8 @@ from typing import Any
 from lorabench import records
 
 VALIDATION_SPLIT = "validation"  # the record's eval split when score_split=val
-RULE = "highest mean validation score over the sweep's seeds; a rate with a failed run is not chosen; ties go to the smaller rate"
+RULE = ("highest mean validation score over the sweep's seeds; a rate with a failed run (or a score that is not a number) "
+        "is not chosen; ties go to the smaller rate")
 
 
 class SelectionError(ValueError):
@@ -51,8 +52,10 @@ def select(sweep_records: list[dict[str, Any]], sources: list[str]) -> dict[str,
     lower = metric in records.LOWER_IS_BETTER
     scores = []
     for rate in sorted(by_rate):
-        values = [r["eval"]["primary_value"] for r, _ in by_rate[rate] if r["status"] == "ok"]
-        failed = [source for r, source in by_rate[rate] if r["status"] != "ok"]
+        # A failed run, or one whose score is not a number (a constant prediction's correlation), counts as failed.
+        scored = [(r["eval"]["primary_value"] if r["status"] == "ok" else None, source) for r, source in by_rate[rate]]
+        values = [value for value, _ in scored if _finite(value)]
+        failed = [source for value, source in scored if not _finite(value)]
         mean = statistics.fmean(values) if values and not failed else math.nan
         scores.append({"lr": rate, "mean": mean, "values": values, "seeds": sorted(r["run"]["seed"] for r, _ in by_rate[rate]),
                        "failed": len(failed)})
@@ -75,6 +78,10 @@ def select(sweep_records: list[dict[str, Any]], sources: list[str]) -> dict[str,
         "hparams": {"lr": best["lr"]},
         "sources": sources,
     }
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def read_selection(path: str | Path) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def test_a_sweep_expands_into_validation_runs_and_final_runs_that_wait_for_it():
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"grids": {"all": [1e-4, 1e-3]}, "hparams": {"val_size": 0}}, "val_size=0.*set val_size"),
+    [({"grids": {"all": [1e-4, 1e-3]}, "settings": ["noval"]}, "val_size=0.*set val_size in the study's hparams"),
      ({"grids": {"lroa": [1e-4, 1e-3]}}, r"'lr_sweep.grids': unknown variants \['lroa'\]"),
      ({"grids": {"full": [1e-5, 1e-4]}}, "no grid for variant 'lora'"),
      ({"grids": {"all": [1e-4, 1e-3]}, "settings": ["base"]}, "trains no step"),
@@ -108,6 +108,7 @@ def test_a_sweep_expands_into_validation_runs_and_final_runs_that_wait_for_it():
 )
 def test_a_bad_sweep_fails_before_any_job(change, message):
     config = {**smoke_config(), "lr_sweep": change}
+    config["settings"]["noval"] = {"hparams": {"val_size": 0, "eval_every": 0}}
     with pytest.raises(ConfigError, match=message):
         study.expand_sweeps(config)
 
@@ -124,3 +125,23 @@ def test_a_run_scores_validation_only_and_takes_a_selection(tmp_path):
     assert json.loads((tmp_path / "f.json").read_text())["run"]["selection"]["chosen"] == 2e-4
     with pytest.raises(ConfigError, match="val_size=0 carves none"):
         run.resolve_hparams("sst2", "lora", {"score_split": "val"})
+
+
+def test_a_score_that_is_not_a_number_counts_as_failed():
+    found = [sweep_record(1e-4, 0, float("nan"), "pearson"), sweep_record(1e-3, 0, 0.3, "pearson")]
+    selection = sweep.select(found, sources(found))
+    assert selection["chosen"] == 1e-3 and selection["scores"][0]["failed"] == 1 and selection["scores"][0]["mean"] is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"grids": {"all": [1e-4, 1e-3]}, "tasks": ["imdb"]}, "sweeps no run"),
+     ({"grids": {"all": [1e-4, 1.0000001e-4]}}, "not distinct"),
+     ({"grids": {"all": [1e-4, 1e-3]}, "hparams": {"train_size": 10}}, r"sets \['train_size'\].*study's hparams"),
+     ({"grids": {"all": [1e-4, 1e-3]}, "hparams": {"max_steps": 2}, "settings": ["epochs"]}, "sets max_steps, but epochs=1")],
+)
+def test_a_sweep_that_would_mislead_is_refused(change, message):
+    config = {**smoke_config(), "lr_sweep": change}
+    config["settings"]["epochs"] = {"hparams": {"epochs": 1}}
+    with pytest.raises(ConfigError, match=message):
+        study.expand_sweeps(config)
