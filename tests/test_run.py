@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorabench import records, run
 from lorabench.run import ConfigError, parse_sets, resolve_hparams
@@ -160,3 +161,17 @@ def test_epochs_set_the_number_of_steps_from_the_training_set(tmp_path):
     record = run.execute("sst2", "lora", 0, "default", {**SMALL, "epochs": 1.5, "save_adapter": False, "data_dir": data}, tmp_path / "e.json")
     examples = record["run"]["data"]["train"]
     assert record["train"]["steps"] == -(-3 * examples // (2 * SMALL["batch_size"])) > 0
+
+
+def test_out_of_memory_after_training_still_writes_a_failed_record(tmp_path, monkeypatch):
+    """Memory can run out past the training loop too (scoring, extraction, saving the adapter):
+    the run still ends with a failed record naming it, so a DAG or a sweep sees the failure."""
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run.adapters, "save", out_of_memory)
+    out = tmp_path / "seed0.json"
+    record = run.execute("sst2", "lora", 0, "default", {**SMALL, "data_dir": str(tiny_data(tmp_path))}, out)
+    assert record["status"] == "failed" and record["error"]["type"] == "OutOfMemoryError"
+    assert records.read(out)["error"]["message"].startswith("CUDA out of memory")
