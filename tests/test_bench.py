@@ -1,0 +1,73 @@
+"""The benchmark cannot rot: ``python -m lorabench.bench --quick`` runs every section on a tiny
+BERT in seconds, exits 0, and writes a JSON file with every section and method and finite ratios;
+its step-0 check shows ours and PEFT compute the same loss, so its timings compare like with like.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lorabench import bench
+from tests.helpers import ROOT
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """(the JSON figures, the printed report) of one quick run of every section."""
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    completed = subprocess.run([sys.executable, "-m", "lorabench.bench", "--quick", "--json", str(out)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    return json.loads(out.read_text()), completed.stdout
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_benchmark_runs_every_section_with_finite_ratios(quick_run):
+    figures, printed = quick_run
+    assert set(bench.SECTIONS) <= set(figures)
+    assert set(figures["peft"]) == set(bench.METHODS)
+    skippable = set() if importlib.util.find_spec("bitsandbytes") else {"qlora"}
+    for method, result in figures["peft"].items():
+        if method in skippable:
+            assert "skipped" in result and f"{method:8} skipped" in printed
+            continue
+        assert "skipped" not in result, f"{method}: {result.get('skipped')}"
+        for key in ("ours_ms", "peft_ms", "tokens_per_s_ratio", "memory_ratio", "activation_ratio"):
+            assert finite(result[key]), f"{method}.{key} = {result[key]!r}"
+        assert result["trainable_ours"] == result["trainable_peft"], method
+        assert any(line.startswith(method) and ("PASS" in line or "MISS" in line) for line in printed.splitlines()), method
+
+    overhead = figures["overhead"]
+    assert finite(overhead["train_step"]["lora_over_full"])
+    assert finite(overhead["inference"]["unmerged_over_merged"])
+    assert overhead["inference"]["max_logit_gap"] < 1e-4  # merged and unmerged are the same model
+
+    extraction = figures["extraction"]
+    assert set(extraction["intervals"]) == {str(interval) for interval in bench.EXTRACTION_INTERVALS}
+    for entry in extraction["intervals"].values():
+        assert finite(entry["percent_time"]) and finite(entry["percent_flops"])
+    assert "passed" in extraction["intervals"]["50"]
+    assert extraction["snapshot"]["copied_mb"] + extraction["snapshot"]["mapped_mb"] > 0
+
+
+def test_ours_and_peft_agree_on_the_step0_loss(quick_run):
+    figures, _ = quick_run
+    for method, result in figures["peft"].items():
+        if "skipped" in result:
+            continue
+        assert math.isfinite(result["loss_ours"]), method
+        gap = abs(result["loss_ours"] - result["loss_peft"])
+        assert gap <= bench.LOSS_TOLERANCE, (method, result["loss_ours"], result["loss_peft"])
+        assert result["same_loss"], method
