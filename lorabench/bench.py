@@ -28,9 +28,10 @@ Sections (``--only NAME``, repeatable):
                 frozen W needs no weight gradient and no optimizer state), and inference (eval
                 mode, no grad) of an unmerged r=8 LoRA against the same model merged: target <= 1.10.
 ``extraction``  a short full fine-tune through ``train.train`` with an ``Extractor`` every 10
-                steps: one extraction (the median) against the loop's mean step gives the share of
-                training time, and of its FLOPs, at intervals 10, 50 and 200 (target < 0.25% at
-                50), beside the W0 snapshot's memory (copied, or memory-mapped from the checkpoint).
+                steps: each extraction against the median step since the one before (the median of
+                those ratios) gives the share of training time, with that of its FLOPs, at
+                intervals 10, 50 and 200 (target < 0.25% at 50), beside the W0 snapshot's memory
+                (copied, or memory-mapped from the checkpoint).
 """
 
 from __future__ import annotations
@@ -544,6 +545,37 @@ def section_overhead(setup: Setup) -> dict[str, Any]:
 # --- section 3: parasitic extraction's cost -------------------------------------------------------------
 
 
+class TimedExtractor(extract.Extractor):
+    """The run's Extractor, also noting when the loop hands it each step: the time from one call's
+    end to the next call's start is one training step, so each extraction can be set against the
+    steps just before it (side by side, as the other sections), not against a whole-run mean."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[float, float, bool]] = []  # (start, end, extracted) of each after_step
+
+    def after_step(self, *args, **kwargs) -> bool:
+        measure.synchronize(self.device)
+        started = time.perf_counter()
+        extracted = super().after_step(*args, **kwargs)
+        measure.synchronize(self.device)
+        self.calls.append((started, time.perf_counter(), extracted))
+        return extracted
+
+    def paired(self) -> list[tuple[float, float]]:
+        """(an extraction's seconds, the median step since the one before), for each extraction."""
+        extractions = iter(self.extractions)
+        if self.calls and self.calls[0][2]:
+            next(extractions)  # one right after the first step has no timed step before it
+        pairs, steps = [], []
+        for (_, end_before, _), (start, _, extracted) in zip(self.calls, self.calls[1:], strict=False):
+            steps.append(start - end_before)
+            if extracted:
+                pairs.append((next(extractions)["seconds"], statistics.median(steps)))
+                steps = []
+        return pairs
+
+
 def section_extraction(setup: Setup, steps: int) -> dict[str, Any]:
     interval = EXTRACTION_INTERVALS[0]
     print(f"\n== extraction: {steps} steps of full fine-tuning (train.train) with an Extractor every {interval} steps ==")
@@ -551,33 +583,33 @@ def section_extraction(setup: Setup, steps: int) -> dict[str, Any]:
     model = setup.fresh_model()
     adapters.attach(model, full, full.Config())
     cfg = dataclasses.replace(setup.train_cfg, max_steps=steps, lr=5e-5, log_every=steps)  # lr: a full fine-tune's
-    extractor = extract.Extractor(model, extract.ExtractConfig(interval=interval), setup.checkpoint, setup.device,
-                                  warmup_steps=math.ceil(cfg.warmup_ratio * steps), seed=0)
+    extractor = TimedExtractor(model, extract.ExtractConfig(interval=interval), setup.checkpoint, setup.device,
+                               warmup_steps=math.ceil(cfg.warmup_ratio * steps), seed=0)
     trained = train(model, full, full.Config(), tasks.get("sst2"), setup.examples, [], cfg, setup.pad_id, setup.device, seed=0,
                     extractor=extractor)
-    step_s = trained["timed_s"] / trained["timed_steps"]  # the loop's clock stops while the extractor works
-    extraction_s = statistics.median(entry["seconds"] for entry in extractor.extractions)
+    pairs = extractor.paired()
+    ratio = statistics.median(seconds / step for seconds, step in pairs)
     extraction_flops = extractor.flops / len(extractor.extractions)
     step_flops = extract.training_flops(model, trained["tokens"]) / steps
     snapshot = extractor.snapshot
     spectra = storage_bytes([t for found in extractor.last.values() for t in (found.U, found.S, found.V)])
     result = {
-        "steps": steps, "timed_steps": trained["timed_steps"], "step_ms": 1e3 * step_s,
-        "tokens_per_step": trained["tokens"] / steps, "matrices": len(extractor.matrices),
-        "extractions": len(extractor.extractions), "extraction_ms": 1e3 * extraction_s,
-        "extraction_over_step": extraction_s / step_s,
-        "rounds_extraction_ms": [1e3 * entry["seconds"] for entry in extractor.extractions],
+        "steps": steps, "tokens_per_step": trained["tokens"] / steps, "matrices": len(extractor.matrices),
+        "extractions": len(extractor.extractions), "extraction_over_step": ratio,
+        "extraction_ms": 1e3 * statistics.median(seconds for seconds, _ in pairs),
+        "step_ms": 1e3 * statistics.median(step for _, step in pairs),
+        "rounds_extraction_ms": [1e3 * seconds for seconds, _ in pairs], "rounds_step_ms": [1e3 * step for _, step in pairs],
+        "loop_mean_step_ms": 1e3 * trained["timed_s"] / trained["timed_steps"],
         "snapshot": {"kind": snapshot.kind, "copied_mb": snapshot.copied_bytes / 2**20,
                      "mapped_mb": snapshot.mapped_bytes / 2**20},
         "spectra_mb": spectra / 2**20, "intervals": {},
     }
-    print(f"one extraction of {result['matrices']} matrices {result['extraction_ms']:.1f} ms (median of {result['extractions']}) "
-          f"= {result['extraction_over_step']:.3f} of a training step ({result['step_ms']:.1f} ms, mean of the loop's "
-          f"{trained['timed_steps']} timed steps, {result['tokens_per_step']:.0f} tokens each)")
+    print(f"one extraction of {result['matrices']} matrices = {ratio:.3f} training steps (median over {len(pairs)} extractions "
+          f"of each against the median step before it; {result['extraction_ms']:.1f} ms and {result['step_ms']:.1f} ms, "
+          f"{result['tokens_per_step']:.0f} tokens a step)")
     target_interval, target_percent = EXTRACTION_TARGET
     for every in EXTRACTION_INTERVALS:
-        entry = {"percent_time": 100 * extraction_s / (every * step_s),
-                 "percent_flops": 100 * extraction_flops / (every * step_flops)}
+        entry = {"percent_time": 100 * ratio / every, "percent_flops": 100 * extraction_flops / (every * step_flops)}
         verdict = ""
         if every == target_interval:
             entry.update(target_percent=target_percent, passed=entry["percent_time"] < target_percent)
