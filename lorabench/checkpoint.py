@@ -8,13 +8,13 @@ checkpoint or the new one, never half of each. Tensors go through safetensors on
 is unpickled.
 
 The tensors: every trainable parameter; every tensor named ``lora_*``, buffers included,
-persistent or not (AdaLoRA's importance averages, Delta-LoRA's previous factors); the weight
-of each adapted layer of a variant that reads or writes W (``QUANTIZABLE_BASE = False``:
-Delta-LoRA adds to it); AdamW's moments and steps; the torch (and CUDA) random state, the
-batch generator's and the extractor's. The JSON: the step, the curves, samples and tokens
-seen, the throughput counters, the seconds and peak memory so far, the schedule, the
-optimizer's groups, numpy's and Python's random states, the extractor's findings, and the
-config hash and precision of the run.
+persistent or not (AdaLoRA's importance averages, Delta-LoRA's previous factors); the weight of
+each adapted layer of a variant that reads or writes W (``QUANTIZABLE_BASE = False``: Delta-
+LoRA adds to it); AdamW's moments and steps; the torch (and CUDA) random state, the batch
+generator's and the extractor's, and the bases its next warm-started SVDs start from. The JSON:
+the step, the curves, samples and tokens seen, the throughput counters, the seconds and peak
+memory so far, the schedule, the optimizer's groups, numpy's and Python's random states, the
+extractor's findings, and the config hash and precision of the run.
 
 A restarted run whose config hash matches rebuilds and attaches its model as a fresh run does,
 loads all of that, and replays the batch stream (batches are index lists drawn from a seeded
@@ -46,7 +46,7 @@ from lorabench import measure
 from lorabench.adapters import attachment_of
 
 FORMAT = "lorabench-checkpoint"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the extractor's warm-start bases
 
 
 class CheckpointError(ValueError):
@@ -147,7 +147,8 @@ class Checkpointer:
             "extractor": None,
         }
         if extractor is not None:
-            state["extractor"], tensors["rng.extract"] = extractor.state()
+            state["extractor"], extractor_tensors = extractor.state()
+            tensors.update(extractor_tensors)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, tmp,
@@ -181,7 +182,7 @@ class Checkpointer:
         schedule.load_state_dict(self.resumed["schedule"])
         throughput.restore(self.resumed["throughput"])
         if extractor is not None:
-            extractor.load_state(self.resumed["extractor"], tensors["rng.extract"])
+            extractor.load_state(self.resumed["extractor"], tensors)
         torch.set_rng_state(tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)

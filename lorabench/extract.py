@@ -13,9 +13,18 @@ top singular values the truncated SVD returned (which would make every layer "ex
 at max_rank); when max_rank does not reach the threshold, the variance actually explained is
 recorded.
 
-The SVD is randomized (``randomized_svd``: max_rank + oversample columns, niter power
-iterations, from the extractor's own seeded generator) on matrices whose smaller side exceeds
-``exact_below``, exact otherwise.
+The SVD is randomized on matrices whose smaller side exceeds ``exact_below`` (exact otherwise):
+subspace iteration with max_rank + oversample columns closed by Rayleigh-Ritz
+(``subspace_svd``). The first extraction starts from a Gaussian sketch (the extractor's own
+seeded generator) with ``niter`` power iterations; with ``warm_start`` each later one starts
+from the previous one's right singular subspace with ``warm_niter`` (two products with dW per
+iteration instead of 2 niter + 2). dW moves little between extractions, so the iteration
+carries on across the run. Measured on the default study's SST-2 fine-tune (MiniLM, extractions
+every 50 steps, against the exact SVD): the first warm extraction's explained variance is
+within 0.01 up to rank 32 and 0.025 at rank 64 (the subspace still turns early in training;
+``warm_niter: 1`` cuts that to 0.005 for twice the cost), the third's within 0.005, the last
+(the adapter the run scores) within 0.002, where a cold sketch stays within 0.009; each warm
+extraction costs a third of a cold one.
 
 W0 costs no copy where it can be re-read: on CPU, when the base checkpoint is a safetensors
 file holding exactly the loaded weights, W0 is a read-only memory map of that file (the OS
@@ -72,6 +81,8 @@ class ExtractConfig:
     include_embeddings: bool = False
     oversample: int = 16  # with niter 2: EV within 0.01 of the exact SVD's on real MiniLM updates (tests)
     niter: int = 2
+    warm_start: bool = True  # later extractions start from the last one's subspace
+    warm_niter: int = 0  # power iterations of a warm-started extraction
     exact_below: int = 128
     initial_step: int = 0  # 0: the end of the learning-rate warm-up
     plateau_window: int = 20
@@ -89,8 +100,8 @@ class ExtractConfig:
             raise ExtractConfigError(f"extract={values!r} must be a mapping such as {{interval: 50, threshold: 0.9}}")
         flat = {key: value for key, value in values.items() if key != "svd"}
         svd = values.get("svd") or {}
-        if not isinstance(svd, dict) or set(svd) - {"oversample", "niter", "exact_below"}:
-            raise ExtractConfigError(f"extract.svd={svd!r}: use a mapping with oversample, niter, exact_below")
+        if not isinstance(svd, dict) or set(svd) - {"oversample", "niter", "exact_below", "warm_start", "warm_niter"}:
+            raise ExtractConfigError(f"extract.svd={svd!r}: use a mapping with oversample, niter, exact_below, warm_start, warm_niter")
         flat.update(svd)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(flat) - known)
@@ -117,8 +128,8 @@ class ExtractConfig:
             raise ExtractConfigError(f"extract: need 1 <= min_rank ({self.min_rank}) <= max_rank ({self.max_rank})")
         if any(r < 1 for r in (*self.eval_ranks, *self.ev_ranks)):
             raise ExtractConfigError("extract.eval_ranks and ev_ranks must be >= 1")
-        if self.oversample < 0 or self.niter < 0 or self.exact_below < 0 or self.plateau_window < 2 or self.initial_step < 0:
-            raise ExtractConfigError("extract: oversample, niter, exact_below, initial_step must be >= 0 and plateau_window >= 2")
+        if self.oversample < 0 or self.niter < 0 or self.warm_niter < 0 or self.exact_below < 0 or self.plateau_window < 2 or self.initial_step < 0:
+            raise ExtractConfigError("extract: oversample, niter, warm_niter, exact_below, initial_step must be >= 0 and plateau_window >= 2")
         if self.storage not in ("float", "int8"):
             raise ExtractConfigError(f"extract.storage={self.storage!r}: use float or int8")
         if self.snapshot not in SNAPSHOTS:
@@ -132,10 +143,18 @@ class ExtractConfig:
 class Spectrum:
     """The leading singular triplets of one dW and the energy of the whole of it."""
 
-    U: torch.Tensor  # d_out x q
+    left: torch.Tensor  # d_out x q: U, or an orthonormal basis Q with U = Q rotation
     S: torch.Tensor  # q
     V: torch.Tensor  # d_in x q
     energy: float  # ||dW||_F^2
+    basis: torch.Tensor | None = None  # d_in x (max_rank + oversample): where the next extraction's iteration starts
+    rotation: torch.Tensor | None = None  # formed into U only when asked: most extractions need S alone
+
+    @property
+    def U(self) -> torch.Tensor:
+        if self.rotation is not None:
+            self.left, self.rotation = (self.left @ self.rotation)[:, : len(self.S)], None
+        return self.left
 
     def explained(self, rank: int) -> float:
         """EV(rank), relative to the whole update; 1.0 for an update that is exactly zero."""
@@ -162,51 +181,89 @@ class Spectrum:
 
 
 def spectrum(delta: torch.Tensor, max_rank: int, oversample: int, niter: int, exact_below: int,
-             generator: torch.Generator | None = None) -> Spectrum:
+             generator: torch.Generator | None = None, start: torch.Tensor | None = None, warm_niter: int = 0) -> Spectrum:
     """Top-``max_rank`` SVD of ``delta`` (float32): exact when the matrix is small or the sketch
-    would be nearly as wide as it, randomized otherwise (``randomized_svd``)."""
+    would be nearly as wide as it; else by subspace iteration (``subspace_svd``), from ``start``
+    (the previous extraction's ``Spectrum.basis``) with ``warm_niter`` power iterations, or from
+    a Gaussian sketch with ``niter``. The spectrum keeps the basis to start the next one from."""
     delta = delta.float()
     smaller = min(delta.shape)
-    energy = float(delta.double().pow(2).sum())
+    energy = float(torch.linalg.vector_norm(delta, dim=1).double().pow(2).sum())  # rows in float32, their sum in float64: as exact, 5x cheaper
     width = min(max_rank + oversample, smaller)
     if smaller <= exact_below or width >= smaller:
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        V = Vh.T
+        keep = min(max_rank, len(S))
+        return Spectrum(U[:, :keep].contiguous(), S[:keep].contiguous(), Vh[:keep].T.contiguous(), energy)
+    if start is None or start.shape != (delta.shape[1], width):
+        start = torch.randn(delta.shape[1], width, generator=generator, device=delta.device, dtype=delta.dtype)
+        iterations = niter + 1
     else:
-        U, S, V = randomized_svd(delta, width, niter, generator)
-    keep = min(max_rank, len(S))
-    return Spectrum(U[:, :keep].contiguous(), S[:keep].contiguous(), V[:, :keep].contiguous(), energy)
+        iterations = warm_niter + 1
+    Q, rotation, S, V = subspace_svd(delta, start, iterations)
+    return Spectrum(Q, S[:max_rank], V[:, :max_rank], energy, basis=V, rotation=rotation[:, :max_rank])
 
 
-def randomized_svd(matrix: torch.Tensor, width: int, niter: int, generator: torch.Generator | None = None):
-    """(U, S, V) of rank ``width`` (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1): a
-    Gaussian sketch, ``niter`` power iterations re-orthonormalized by QR, then the exact SVD of
-    the small projected matrix. As ``torch.svd_lowrank``, but drawing from ``generator``, so an
-    extraction neither depends on nor disturbs the training's random stream."""
-    sketch = torch.randn(matrix.shape[1], width, generator=generator, device=matrix.device, dtype=matrix.dtype)
-    basis = torch.linalg.qr(matrix @ sketch).Q
-    for _ in range(niter):
-        basis = torch.linalg.qr(matrix.T @ basis).Q
-        basis = torch.linalg.qr(matrix @ basis).Q
-    small_u, S, Vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return basis @ small_u, S, Vh.T
+def orthonormal(matrix: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of ``matrix``'s columns by Cholesky QR (Q = Y R^-1, R from the Gram
+    matrix formed in float64), cheaper than Householder QR on these tall, thin matrices. Its
+    loss of orthogonality grows with Y's condition number (R's diagonal tells), so past 1e3,
+    as for an update of lower rank than the sketch, Householder QR takes over."""
+    factor, info = torch.linalg.cholesky_ex(matrix.mT.double() @ matrix.double())
+    diagonal = factor.diagonal()
+    if int(info) == 0 and float(diagonal.min()) > 1e-3 * float(diagonal.max()):
+        return torch.linalg.solve_triangular(factor.mT.to(matrix.dtype), matrix, upper=True, left=False)
+    return torch.linalg.qr(matrix).Q
 
 
-def svd_flops(d_out: int, d_in: int, max_rank: int, oversample: int, niter: int, exact_below: int) -> int:
+def subspace_svd(matrix: torch.Tensor, start: torch.Tensor, iterations: int):
+    """(Q, W, S, V) with U = Q W, of rank q = ``start``'s columns, by subspace iteration closed by Rayleigh-Ritz
+    (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1): ``iterations - 1`` power iterations
+    V <- orth(M^T orth(M V)), then Q = orth(M V), Z = M^T Q (= B^T for the projection B = Q^T M),
+    Z^T Z = W S^2 W^T, U = Q W, V = Z W / S: two products with M per iteration, and the small
+    eigenproblem (q x q) instead of an SVD of B. From a Gaussian ``start`` and niter + 1
+    iterations it is the randomized SVD (the same subspace as Halko's niter power iterations);
+    from the previous extraction's V, one iteration carries the iteration on as the weights
+    move, so its accuracy builds up over a run where a cold sketch's would not."""
+    basis = start
+    for _ in range(iterations - 1):
+        basis = orthonormal(matrix.mT @ orthonormal(matrix @ basis))
+    Q = orthonormal(matrix @ basis)
+    Z = matrix.mT @ Q
+    eigenvalues, W = torch.linalg.eigh(Z.mT @ Z)
+    S = eigenvalues.flip(0).clamp_min(0).sqrt()
+    W = W.flip(1)
+    right = Z @ W  # columns orthogonal, of norms S
+    if S[-1] > 1e-6 * S[0]:
+        V = right / S
+    else:  # directions the update lacks: any orthonormal completion, its columns' signs kept
+        V, R = torch.linalg.qr(right)
+        V = V * torch.where(R.diagonal() < 0, -1.0, 1.0).to(V.dtype)
+    return Q, W, S, V
+
+
+def svd_flops(d_out: int, d_in: int, max_rank: int, oversample: int, niter: int, exact_below: int, warm: bool = False,
+              warm_niter: int = 0) -> int:
     """Floating-point operations of one extraction of a d_out x d_in matrix, counted from the
-    algorithm: the difference and its norm (3 m n); then either ``randomized_svd`` with q =
-    max_rank + oversample columns (its products with dW, 2 m n q each, 2 niter + 2 of them;
-    Householder QRs at 4 rows q^2; the small SVD at 4 n q^2 + 22 q^3 and U = Q U_small at
-    2 m q^2), or an exact SVD (4 m n^2 + 22 n^3, n the smaller side; Golub and Van Loan)."""
+    algorithm: the difference and its norm (3 m n); then either ``subspace_svd`` with q =
+    max_rank + oversample columns and i iterations (niter + 1 from a sketch, warm_niter + 1
+    ``warm`` from the last basis): per power iteration two products with dW (2 m n q each)
+    and two Cholesky QRs (Gram 2 rows q^2, solve rows q^2, Cholesky q^3 / 3), then the
+    last iteration's product pair, one Cholesky QR, Z^T Z (2 n q^2), the eigenproblem (9 q^3)
+    and V (2 n q^2; U is formed only for the adapters scored at the end); or an exact SVD (4 m n^2 + 22 n^3, n the smaller side; Golub and
+    Van Loan)."""
     m, n = d_out, d_in
     width = min(max_rank + oversample, m, n)
     base = 3 * m * n
     if min(m, n) <= exact_below or width >= min(m, n):
         small, large = min(m, n), max(m, n)
         return base + 4 * large * small**2 + 22 * small**3
-    products = 2 * m * n * width * (2 * niter + 2)
-    factorizations = 4 * m * width**2 * (1 + niter) + 4 * n * width**2 * niter
-    return base + products + factorizations + 4 * n * width**2 + 22 * width**3 + 2 * m * width**2
+    iterations = (warm_niter if warm else niter) + 1
+    def cholesky_qr(rows: int) -> int:
+        return 3 * rows * width**2 + width**3 // 3
+    products = 4 * m * n * width * iterations
+    power = (iterations - 1) * (cholesky_qr(m) + cholesky_qr(n))
+    last = cholesky_qr(m) + 2 * n * width**2 + 9 * width**3 + 2 * n * width**2
+    return base + products + power + last
 
 
 # --- W0 without a copy where possible ------------------------------------------------------------
@@ -356,9 +413,10 @@ class Extractor:
         for name, parameter in self.matrices.items():
             w0 = self.snapshot.weights[name]
             delta = parameter.detach().float() - w0.to(parameter.device, torch.float32)
-            found = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below, self.generator)
+            start = self.last[name].basis if cfg.warm_start and name in self.last else None
+            found = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below, self.generator, start, cfg.warm_niter)
             self.last[name] = found
-            flops += svd_flops(*delta.shape, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below)
+            flops += svd_flops(*delta.shape, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below, start is not None, cfg.warm_niter)
             layers[name] = found
         measure.synchronize(self.device)
         seconds = time.perf_counter() - started
@@ -376,19 +434,27 @@ class Extractor:
         self.extractions.append(entry)
         return entry
 
-    # What a checkpoint keeps (lorabench/checkpoint.py): JSON-able findings and counters, and
-    # the sketch generator's state. The spectra need no saving: the last step always extracts.
+    # What a checkpoint keeps (lorabench/checkpoint.py): JSON-able findings and counters, the
+    # sketch generator's state and the bases the next extraction starts from. The spectra
+    # themselves need no saving: the last step always extracts.
     STATE_FIELDS = ("extractions", "losses", "best_validation", "plateau_quiet_until", "seconds", "flops")
+    BASIS_PREFIX = "extract.basis."
 
-    def state(self) -> tuple[dict[str, Any], torch.Tensor]:
-        """(the JSON-able state, the generator's state) for a checkpoint."""
-        return {field: getattr(self, field) for field in self.STATE_FIELDS}, self.generator.get_state()
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(the JSON-able state, its tensors: the generator's state and the warm-start bases)."""
+        tensors = {"rng.extract": self.generator.get_state()}
+        tensors.update({self.BASIS_PREFIX + name: found.basis for name, found in self.last.items() if found.basis is not None})
+        return {field: getattr(self, field) for field in self.STATE_FIELDS}, tensors
 
-    def load_state(self, state: dict[str, Any], generator_state: torch.Tensor) -> None:
-        """Resume from :meth:`state` as a checkpoint stored it."""
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Resume from :meth:`state` as a checkpoint stored it: the bases come back as spectra
+        that hold nothing but where to start."""
         for field in self.STATE_FIELDS:
             setattr(self, field, state[field])
-        self.generator.set_state(generator_state)
+        self.generator.set_state(tensors["rng.extract"])
+        empty = torch.empty(0)
+        self.last = {name.removeprefix(self.BASIS_PREFIX): Spectrum(empty, empty, empty, 0.0, basis.to(self.device))
+                     for name, basis in tensors.items() if name.startswith(self.BASIS_PREFIX)}
 
     def summary(self, train_seconds: float, train_flops: float) -> dict[str, Any]:
         """The record's ``extraction`` section, less the evaluations of the adapters."""

@@ -67,9 +67,58 @@ def test_randomized_svd_with_the_defaults_matches_the_exact_one_on_a_decaying_sp
 def test_extraction_flops_count_the_sketch_or_the_exact_svd():
     assert extract.svd_flops(8, 6, max_rank=4, oversample=8, niter=2, exact_below=0) == 3 * 48 + 4 * 8 * 36 + 22 * 216  # exact: q >= 6
     m, n, q = 1536, 384, 80
-    products = 2 * m * n * q * 6  # sketch, two power iterations of two products, projection
-    qrs = 4 * m * q * q * 3 + 4 * n * q * q * 2
-    assert extract.svd_flops(m, n, 64, 16, 2, 0) == 3 * m * n + products + qrs + 4 * n * q * q + 22 * q**3 + 2 * m * q * q
+
+    def cholesky_qr(rows):
+        return 3 * rows * q * q + q**3 // 3
+
+    last = 4 * m * n * q + cholesky_qr(m) + 2 * n * q * q + 9 * q**3 + 2 * n * q * q  # products, QR, Z^T Z, eigh, V
+    power = 4 * m * n * q + cholesky_qr(m) + cholesky_qr(n)
+    assert extract.svd_flops(m, n, 64, 16, 2, 0) == 3 * m * n + 2 * power + last  # a sketch and two power iterations
+    assert extract.svd_flops(m, n, 64, 16, 2, 0, warm=True) == 3 * m * n + last  # warm: the last iteration alone
+    assert extract.svd_flops(m, n, 64, 16, 2, 0, warm=True, warm_niter=1) == 3 * m * n + power + last
+
+
+def drifting_updates(count: int, seed: int = 0) -> list[torch.Tensor]:
+    """dW over a run: a slowly decaying spectrum whose singular vectors turn a little from one
+    extraction to the next, and which grows, as a fine-tune's update does."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.tensor([1.0 / (1 + i) ** 0.8 for i in range(384)], dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(1536, 384, generator=generator, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(384, 384, generator=generator, dtype=torch.float64))
+    updates = []
+    for step in range(count):
+        turn, _ = torch.linalg.qr(torch.eye(384, dtype=torch.float64) + 0.05 * torch.randn(384, 384, generator=generator, dtype=torch.float64))
+        V = V @ turn
+        updates.append(((U * values * (1 + step)) @ V.T).float())
+    return updates
+
+
+def test_warm_started_extractions_follow_the_update_as_closely_as_cold_ones_at_a_third_of_the_products():
+    cfg = ExtractConfig()
+    generator = torch.Generator().manual_seed(0)
+    found = None
+    for delta in drifting_updates(4):
+        start = found.basis if found is not None else None
+        found = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, 0, generator, start, cfg.warm_niter)
+        cold = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, 0, generator)
+        exact = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, exact_below=10_000)
+        for rank in cfg.ev_ranks:
+            assert abs(found.explained(rank) - exact.explained(rank)) < 0.01
+            assert found.explained(rank) >= cold.explained(rank) - 0.005
+        assert found.basis.shape == (384, cfg.max_rank + cfg.oversample)
+    torch.testing.assert_close(found.V.mT @ found.V, torch.eye(cfg.max_rank), atol=1e-4, rtol=0)
+    B, A = found.factors(8)
+    assert torch.linalg.matrix_norm(delta - B @ A) <= torch.linalg.matrix_norm(delta - exact.factors(8)[0] @ exact.factors(8)[1]) * 1.01
+
+
+def test_an_update_of_lower_rank_than_the_sketch_still_gives_orthonormal_factors():
+    delta = with_spectrum(600, 300, [3.0, 2.0, 1.0]).float()  # rank 3, sketch of 20 columns: Cholesky QR fails, Householder takes over
+    found = spectrum(delta, max_rank=16, oversample=4, niter=1, exact_below=0)
+    assert found.S[:3].tolist() == pytest.approx([3.0, 2.0, 1.0], rel=1e-4) and float(found.S[3:].max()) < 1e-3
+    again = spectrum(delta, 16, 4, 1, 0, None, found.basis)
+    B, A = again.factors(3)
+    torch.testing.assert_close(B @ A, delta, atol=1e-4, rtol=0)
+    assert torch.isfinite(again.V).all() and torch.isfinite(again.basis).all()
 
 
 @pytest.mark.parametrize(
