@@ -28,10 +28,11 @@ Sections (``--only NAME``, repeatable):
                 frozen W needs no weight gradient and no optimizer state), and inference (eval
                 mode, no grad) of an unmerged r=8 LoRA against the same model merged: target <= 1.10.
 ``extraction``  a short full fine-tune through ``train.train`` with an ``Extractor`` every 10
-                steps: each extraction against the median step since the one before (the median of
-                those ratios) gives the share of training time, with that of its FLOPs, at
-                intervals 10, 50 and 200 (target < 0.25% at 50), beside the W0 snapshot's memory
-                (copied, or memory-mapped from the checkpoint).
+                steps: each warm-started extraction against the median step since the one before
+                (the median of those ratios) gives the share of training time, with that of its
+                FLOPs and of the floor (its two products with dW), at intervals 10, 50 and 200
+                (target < 0.25% at 50); the first extraction, from a Gaussian sketch, apart; beside
+                the W0 snapshot's memory (copied, or memory-mapped from the checkpoint).
 """
 
 from __future__ import annotations
@@ -583,20 +584,25 @@ def section_extraction(setup: Setup, steps: int) -> dict[str, Any]:
     model = setup.fresh_model()
     adapters.attach(model, full, full.Config())
     cfg = dataclasses.replace(setup.train_cfg, max_steps=steps, lr=5e-5, log_every=steps)  # lr: a full fine-tune's
-    extractor = TimedExtractor(model, extract.ExtractConfig(interval=interval), setup.checkpoint, setup.device,
+    extract_cfg = extract.ExtractConfig(interval=interval)
+    extractor = TimedExtractor(model, extract_cfg, setup.checkpoint, setup.device,
                                warmup_steps=math.ceil(cfg.warmup_ratio * steps), seed=0)
     trained = train(model, full, full.Config(), tasks.get("sst2"), setup.examples, [], cfg, setup.pad_id, setup.device, seed=0,
                     extractor=extractor)
     pairs = extractor.paired()
-    ratio = statistics.median(seconds / step for seconds, step in pairs)
-    extraction_flops = extractor.flops / len(extractor.extractions)
+    cold, warm = pairs[0][0] / pairs[0][1], statistics.median(seconds / step for seconds, step in pairs[1:])
     step_flops = extract.training_flops(model, trained["tokens"]) / steps
+    warm_flops = sum(extract.svd_flops(*p.shape, extract_cfg.max_rank, extract_cfg.oversample, extract_cfg.niter,
+                                       extract_cfg.exact_below, warm=True) for p in extractor.matrices.values())
+    width = extract_cfg.max_rank + extract_cfg.oversample
+    products = sum(4 * p.numel() * width for p in extractor.matrices.values()) / step_flops  # the two passes over dW alone
     snapshot = extractor.snapshot
-    spectra = storage_bytes([t for found in extractor.last.values() for t in (found.U, found.S, found.V)])
+    spectra = storage_bytes([t for found in extractor.last.values() for t in (found.U, found.S, found.V, found.basis) if t is not None])
     result = {
         "steps": steps, "tokens_per_step": trained["tokens"] / steps, "matrices": len(extractor.matrices),
-        "extractions": len(extractor.extractions), "extraction_over_step": ratio,
-        "extraction_ms": 1e3 * statistics.median(seconds for seconds, _ in pairs),
+        "extractions": len(extractor.extractions), "extraction_over_step": warm, "cold_extraction_over_step": cold,
+        "products_floor_over_step": products,
+        "extraction_ms": 1e3 * statistics.median(seconds for seconds, _ in pairs[1:]), "cold_extraction_ms": 1e3 * pairs[0][0],
         "step_ms": 1e3 * statistics.median(step for _, step in pairs),
         "rounds_extraction_ms": [1e3 * seconds for seconds, _ in pairs], "rounds_step_ms": [1e3 * step for _, step in pairs],
         "loop_mean_step_ms": 1e3 * trained["timed_s"] / trained["timed_steps"],
@@ -604,21 +610,25 @@ def section_extraction(setup: Setup, steps: int) -> dict[str, Any]:
                      "mapped_mb": snapshot.mapped_bytes / 2**20},
         "spectra_mb": spectra / 2**20, "intervals": {},
     }
-    print(f"one extraction of {result['matrices']} matrices = {ratio:.3f} training steps (median over {len(pairs)} extractions "
-          f"of each against the median step before it; {result['extraction_ms']:.1f} ms and {result['step_ms']:.1f} ms, "
-          f"{result['tokens_per_step']:.0f} tokens a step)")
+    print(f"one warm-started extraction of {result['matrices']} matrices = {warm:.3f} training steps (median over "
+          f"{len(pairs) - 1} extractions of each against the median step before it; {result['extraction_ms']:.1f} ms and "
+          f"{result['step_ms']:.1f} ms, {result['tokens_per_step']:.0f} tokens a step); the first, from a Gaussian sketch, "
+          f"{cold:.3f} steps ({result['cold_extraction_ms']:.1f} ms)")
+    print(f"the floor: the two products with dW of {width} columns each warm extraction needs are {products:.3f} training "
+          f"steps' FLOPs (4 x {width} / (6 x tokens a step))")
     target_interval, target_percent = EXTRACTION_TARGET
     for every in EXTRACTION_INTERVALS:
-        entry = {"percent_time": 100 * ratio / every, "percent_flops": 100 * extraction_flops / (every * step_flops)}
+        entry = {"percent_time": 100 * warm / every, "percent_flops": 100 * warm_flops / (every * step_flops),
+                 "percent_floor": 100 * products / every}
         verdict = ""
         if every == target_interval:
             entry.update(target_percent=target_percent, passed=entry["percent_time"] < target_percent)
             verdict = f"  {mark(entry['passed'])} (< {target_percent}%)"
         result["intervals"][str(every)] = entry
-        print(f"every {every:3d} steps: {entry['percent_time']:6.3f}% of training time, "
-              f"{entry['percent_flops']:6.3f}% of its FLOPs{verdict}")
+        print(f"every {every:3d} steps: {entry['percent_time']:6.3f}% of training time, {entry['percent_flops']:6.3f}% of its "
+              f"FLOPs, floor {entry['percent_floor']:6.3f}%{verdict}")
     print(f"extra memory: W0 snapshot by {snapshot.kind}, {result['snapshot']['copied_mb']:.1f} MB copied, "
-          f"{result['snapshot']['mapped_mb']:.1f} MB memory-mapped; the last spectra kept {result['spectra_mb']:.1f} MB")
+          f"{result['snapshot']['mapped_mb']:.1f} MB memory-mapped; the last spectra and bases kept {result['spectra_mb']:.1f} MB")
     return result
 
 
@@ -649,6 +659,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.extraction_steps < 2 * EXTRACTION_INTERVALS[0]:
+        parser.error(f"--extraction-steps {args.extraction_steps}: need at least {2 * EXTRACTION_INTERVALS[0]}, for a cold "
+                     "extraction and a warm-started one")
     args.examples = max(8, args.extraction_steps) * args.batch_size  # the fine-tune sees each example about once
     return args
 

@@ -59,6 +59,7 @@ def test_quick_benchmark_runs_every_section_with_finite_ratios(quick_run):
     for entry in extraction["intervals"].values():
         assert finite(entry["percent_time"]) and finite(entry["percent_flops"])
     assert "passed" in extraction["intervals"]["50"]
+    assert 0 < extraction["products_floor_over_step"] and extraction["cold_extraction_over_step"] > 0
     assert extraction["snapshot"]["copied_mb"] + extraction["snapshot"]["mapped_mb"] > 0
 
 
