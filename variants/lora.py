@@ -43,10 +43,15 @@ def forward(layer, x, y):
     cfg = layer.lora_config
     if cfg.dropout:
         x = F.dropout(x, cfg.dropout, layer.training)
-    # One fused multiply-add (y + s (x A^T) B^T) over the tokens: two kernels where the
-    # matmul, scale and add took four, which is what an unmerged adapter costs at small r.
-    flat = torch.addmm(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]) @ layer.lora_A.T, layer.lora_B.T, alpha=cfg.scaling)
-    return flat.view(y.shape)
+    # y + s (x A^T) B^T as one fused multiply-add: two kernels where matmul, scale and add took
+    # four, which is most of what an unmerged adapter costs at small r. Without autograd it
+    # writes into the base output (nothing else holds it; a custom Function's output, as
+    # bitsandbytes' 4-bit matmul returns, may not be written in place while autograd records).
+    h, flat = x.reshape(-1, x.shape[-1]) @ layer.lora_A.T, y.view(-1, y.shape[-1])
+    if torch.is_grad_enabled():
+        return torch.addmm(flat, h, layer.lora_B.T.to(y.dtype), alpha=cfg.scaling).view(y.shape)
+    flat.addmm_(h, layer.lora_B.T.to(y.dtype), alpha=cfg.scaling)
+    return y
 
 
 def delta_weight(layer):
