@@ -218,7 +218,7 @@ def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = N
             eval_rows = np.sort(rng.permutation(len(eval_rows))[: hparams["eval_size"]])
         else:
             groups: dict[Any, list[int]] = {}
-            for row, key in enumerate(splits["eval"][sample_by]):
+            for row, key in enumerate(tasks.column(splits["eval"], sample_by)):
                 groups.setdefault(key, []).append(row)
             members = list(groups.values())
             chosen: list[int] = []
@@ -373,7 +373,8 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
             forgetting_before = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
     quantize.quantize_base(model, hparams["quantize_base"])
     adapters.attach(model, variant, variant_cfg, hparams["targets"])
-    encoded = {name: task.encode(tokenizer, split, hparams["max_length"], hparams["truncation"]) for name, split in splits.items()}
+    encoded = {name: tasks.encode_cached(task, tokenizer, split, hparams["max_length"], hparams["truncation"], models.cache_dir() / "encoded")
+               for name, split in splits.items()}
     if train_cfg.epochs:
         train_cfg.max_steps = math.ceil(train_cfg.epochs * len(encoded["train"]) / (train_cfg.batch_size * train_cfg.grad_accum))
     record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None}
@@ -415,7 +416,7 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
         record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
                           "primary": task.primary, "primary_value": metrics[task.primary]}
     if task.sample_by and hparams["score_split"] == "eval":
-        record["eval"]["inputs"] = len(set(splits["eval"][task.sample_by]))
+        record["eval"]["inputs"] = len(set(tasks.column(splits["eval"], task.sample_by)))
     if reference:
         record["eval"]["forgetting"] = forgetting
     if extractor is not None:
@@ -448,7 +449,8 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
     """The record's ``extraction``: what each extraction found and cost, then the base model
     plus the adapters extracted at the last step, scored at each rank and threshold asked for
     (with the fine-tuned task head, which a new head needs), and the adapter at the run's
-    threshold saved beside the record."""
+    threshold saved beside the record. Two plans that give each layer the same rank are the
+    same adapter, scored once (a threshold no layer reaches below max_rank is rank max_rank)."""
     section = extractor.summary(train_seconds, extract.training_flops(tuned, record["train"]["tokens"]))
     if not extractor.last:
         section["evaluations"] = []
@@ -458,10 +460,14 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
     for head in adapters.task_heads(base):
         getattr(base, head).load_state_dict(getattr(tuned, head).state_dict())
     evaluations = []
+    scored: dict[tuple, dict[str, float]] = {}  # rank per layer -> metrics
     for kind, value, ranks in extract.adapter_plan(extractor.last, extractor.cfg):
         extract.attach_extracted(base, extractor.last, ranks)
-        with autocast(device, train_cfg.precision):
-            metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+        plan = tuple(sorted(ranks.items()))
+        if plan not in scored:
+            with autocast(device, train_cfg.precision):
+                scored[plan] = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+        metrics = scored[plan]
         evaluations.append({"kind": kind, "value": value, "metrics": metrics, "primary_value": metrics[task.primary],
                             "trainable": measure.parameter_counts(base)["trainable"],
                             "mean_rank": sum(ranks.values()) / len(ranks),
@@ -491,7 +497,7 @@ def forgetting_reference(task: tasks.Task, tokenizer, hparams: dict[str, Any]) -
         return []
     reference = tasks.get(FORGETTING_REFERENCE)
     text = reference.load(hparams["data_dir"], hparams["data_source"])["eval"]
-    blocks = reference.encode(tokenizer, text, hparams["max_length"])
+    blocks = tasks.encode_cached(reference, tokenizer, text, hparams["max_length"], "head", models.cache_dir() / "encoded")
     kept, budget = [], hparams["forgetting_tokens"]
     for example in blocks:
         if budget <= 0:

@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from tasks import DataError, Task
+from tasks import DataError, Task, column
 
 PROMPT = "Meaning representation: {mr}\nDescription:"
 COLUMNS = ("meaning_representation", "human_reference")
@@ -57,8 +57,8 @@ def e2e_hub() -> dict[str, datasets.Dataset]:
 def encode(tokenizer, dataset: datasets.Dataset, max_length: int) -> list[dict]:
     """Prompt and reference as one sequence; labels -100 on the prompt, so only the
     description is learnt and scored."""
-    prompts = tokenizer([PROMPT.format(mr=mr) for mr in dataset["meaning_representation"]], add_special_tokens=False)["input_ids"]
-    targets = tokenizer([" " + ref for ref in dataset["human_reference"]], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([PROMPT.format(mr=mr) for mr in column(dataset, "meaning_representation")], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([" " + ref for ref in column(dataset, "human_reference")], add_special_tokens=False)["input_ids"]
     examples = []
     for prompt, target in zip(prompts, targets):
         ids = (prompt + target + [tokenizer.eos_token_id])[:max_length]
@@ -103,7 +103,7 @@ def generate(model, tokenizer, prompts: list[str], device: torch.device, batch_s
 
 def generation_metrics(model, tokenizer, dataset: datasets.Dataset, device: torch.device, batch_size: int) -> dict[str, float]:
     grouped: dict[str, list[str]] = {}
-    for mr, ref in zip(dataset["meaning_representation"], dataset["human_reference"]):
+    for mr, ref in zip(column(dataset, "meaning_representation"), column(dataset, "human_reference")):
         grouped.setdefault(mr, []).append(ref)
     hypotheses = generate(model, tokenizer, [PROMPT.format(mr=mr) for mr in grouped], device, batch_size, max_new_tokens=80)
     return bleu_and_rouge(hypotheses, list(grouped.values()))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import datasets
 
-from tasks import DataError, Task
+from tasks import DataError, Task, column
 from tasks.glue import accuracy
 
 LABELS = {"neg": 0, "pos": 1}
@@ -29,7 +29,7 @@ LABELS = {"neg": 0, "pos": 1}
 
 def canonical(dataset: datasets.Dataset) -> datasets.Dataset:
     """Sorted by (label, text): the same order from every source."""
-    keys = list(zip(dataset["label"], dataset["text"]))
+    keys = list(zip(column(dataset, "label"), column(dataset, "text")))
     return dataset.select(sorted(range(len(keys)), key=keys.__getitem__))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import datasets
 
-from tasks import DataError, Task
+from tasks import DataError, Task, column
 
 CHUNK_CHARS = 2000
 SPLITS = (("train", 0.0, 0.9), ("validation", 0.9, 0.95), ("test", 0.95, 1.0))
@@ -62,7 +62,7 @@ def shakespeare_hub() -> dict[str, datasets.Dataset]:
 
 def encode(tokenizer, dataset: datasets.Dataset, max_length: int) -> list[dict]:
     """Blocks of ``max_length`` tokens from the concatenated rows; the last partial block is kept."""
-    ids = [token for row in tokenizer(list(dataset["text"]), add_special_tokens=False)["input_ids"] for token in row]
+    ids = [token for row in tokenizer(column(dataset, "text"), add_special_tokens=False)["input_ids"] for token in row]
     return [{"input_ids": ids[i : i + max_length], "labels": ids[i : i + max_length]} for i in range(0, len(ids), max_length)
             if len(ids[i : i + max_length]) > 1]
 

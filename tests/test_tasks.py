@@ -62,3 +62,22 @@ def test_shared_sst2_has_official_sizes():
     splits = tasks.get("sst2").load(str(shared_data()), "local")
     assert (len(splits["train"]), len(splits["eval"])) == (67349, 872)
     assert set(splits["eval"]["label"]) == {0, 1}
+
+
+def test_encoded_examples_are_cached_under_what_they_depend_on(tmp_path, monkeypatch):
+    task, tokenizer = tasks.get("sst2"), minilm_tokenizer()
+    split = datasets.Dataset.from_dict({"sentence": ["a charming journey", "dull and long"], "label": [1, 0]})
+    fresh = task.encode(tokenizer, split, 16, "head")
+    assert tasks.encode_cached(task, tokenizer, split, 16, "head", tmp_path) == fresh
+    assert len(list(tmp_path.glob("sst2-*.json"))) == 1
+
+    def no_encoding(*args):
+        raise AssertionError("encoded again, not read from the cache")
+
+    monkeypatch.setattr(task, "encode", no_encoding)
+    assert tasks.encode_cached(task, tokenizer, split, 16, "head", tmp_path) == fresh  # read back
+    monkeypatch.undo()
+    shorter = tasks.encode_cached(task, tokenizer, split, 3, "head", tmp_path)  # another max_length: another entry
+    other = tasks.encode_cached(task, tokenizer, split.map(lambda row: {"label": 1 - row["label"]}), 16, "head", tmp_path)
+    assert len(list(tmp_path.glob("sst2-*.json"))) == 3
+    assert all(len(example["input_ids"]) <= 3 for example in shorter) and [e["labels"] for e in other] == [0, 1]
