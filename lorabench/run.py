@@ -449,8 +449,7 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
     """The record's ``extraction``: what each extraction found and cost, then the base model
     plus the adapters extracted at the last step, scored at each rank and threshold asked for
     (with the fine-tuned task head, which a new head needs), and the adapter at the run's
-    threshold saved beside the record. Two plans that give each layer the same rank are the
-    same adapter, scored once (a threshold no layer reaches below max_rank is rank max_rank)."""
+    threshold saved beside the record."""
     section = extractor.summary(train_seconds, extract.training_flops(tuned, record["train"]["tokens"]))
     if not extractor.last:
         section["evaluations"] = []
@@ -460,14 +459,10 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
     for head in adapters.task_heads(base):
         getattr(base, head).load_state_dict(getattr(tuned, head).state_dict())
     evaluations = []
-    scored: dict[tuple, dict[str, float]] = {}  # rank per layer -> metrics
     for kind, value, ranks in extract.adapter_plan(extractor.last, extractor.cfg):
         extract.attach_extracted(base, extractor.last, ranks)
-        plan = tuple(sorted(ranks.items()))
-        if plan not in scored:
-            with autocast(device, train_cfg.precision):
-                scored[plan] = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
-        metrics = scored[plan]
+        with autocast(device, train_cfg.precision):
+            metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
         evaluations.append({"kind": kind, "value": value, "metrics": metrics, "primary_value": metrics[task.primary],
                             "trainable": measure.parameter_counts(base)["trainable"],
                             "mean_rank": sum(ranks.values()) / len(ranks),
