@@ -371,6 +371,7 @@ class Extractor:
         self.seconds = 0.0
         self.flops = 0
         self.last: dict[str, Spectrum] = {}
+        self.bases: dict[str, torch.Tensor] = {}  # where each matrix's next warm-started iteration starts
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def triggers(self, step: int, loss: float, validation: float | None, higher_is_better: bool) -> list[str]:
@@ -413,9 +414,11 @@ class Extractor:
         for name, parameter in self.matrices.items():
             w0 = self.snapshot.weights[name]
             delta = parameter.detach().float() - w0.to(parameter.device, torch.float32)
-            start = self.last[name].basis if cfg.warm_start and name in self.last else None
+            start = self.bases.get(name) if cfg.warm_start else None
             found = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below, self.generator, start, cfg.warm_niter)
             self.last[name] = found
+            if found.basis is not None:
+                self.bases[name] = found.basis
             flops += svd_flops(*delta.shape, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below, start is not None, cfg.warm_niter)
             layers[name] = found
         measure.synchronize(self.device)
@@ -443,18 +446,16 @@ class Extractor:
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """(the JSON-able state, its tensors: the generator's state and the warm-start bases)."""
         tensors = {"rng.extract": self.generator.get_state()}
-        tensors.update({self.BASIS_PREFIX + name: found.basis for name, found in self.last.items() if found.basis is not None})
+        tensors.update({self.BASIS_PREFIX + name: basis for name, basis in self.bases.items()})
         return {field: getattr(self, field) for field in self.STATE_FIELDS}, tensors
 
     def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Resume from :meth:`state` as a checkpoint stored it: the bases come back as spectra
-        that hold nothing but where to start."""
+        """Resume from :meth:`state` as a checkpoint stored it."""
         for field in self.STATE_FIELDS:
             setattr(self, field, state[field])
         self.generator.set_state(tensors["rng.extract"])
-        empty = torch.empty(0)
-        self.last = {name.removeprefix(self.BASIS_PREFIX): Spectrum(empty, empty, empty, 0.0, basis.to(self.device))
-                     for name, basis in tensors.items() if name.startswith(self.BASIS_PREFIX)}
+        self.bases = {name.removeprefix(self.BASIS_PREFIX): basis.to(self.device)
+                      for name, basis in tensors.items() if name.startswith(self.BASIS_PREFIX)}
 
     def summary(self, train_seconds: float, train_flops: float) -> dict[str, Any]:
         """The record's ``extraction`` section, less the evaluations of the adapters."""
