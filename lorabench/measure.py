@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -66,7 +67,8 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return kilobytes * scale / 2**20, "cpu_peak_rss"
 
 
-def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor],
+                           loss: Callable[[nn.Module, dict], torch.Tensor] = lambda model, batch: model(**batch).loss) -> int:
     """Bytes autograd keeps from one forward pass for the backward pass: the activation memory
     a variant costs, exactly and on any device (peak RSS on CPU is too coarse to tell
     variants apart). Each storage counts once; the model's own weights and buffers, which
@@ -75,7 +77,8 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
     bf16 copies of the weights that autograd keeps count too (they live until the backward).
     With non-reentrant gradient checkpointing only each checkpointed layer's inputs are saved
     (torch saves them as ordinary saved tensors, so they count); the backward then recomputes
-    one layer's activations at a time, which this does not count."""
+    one layer's activations at a time, which this does not count. ``loss`` is the training
+    loss's function (lorabench.train.task_loss), which decides what the output layer keeps."""
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}
 
@@ -86,8 +89,8 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        loss = model(**batch).loss
-    del loss
+        value = loss(model, batch)
+    del value
     return sum(storages.values())
 
 

@@ -40,7 +40,7 @@ import tasks
 import variants
 from lorabench import adapters, checkpoint, extract, measure, models, quantize, records, sweep
 from lorabench.registry import UnknownNameError
-from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, resolve_precision, train
+from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, resolve_precision, task_loss, train
 
 ENGINE_DEFAULTS: dict[str, Any] = {
     "model": None,
@@ -509,7 +509,7 @@ def activation_mb(model, examples: list[dict], batch_size: int, pad_id: int, dev
     longest = sorted(examples, key=lambda example: len(example["input_ids"]))[-batch_size:]
     model.train()
     with autocast(device, precision):
-        return measure.saved_activation_bytes(model, collate(longest, pad_id, device)) / 2**20
+        return measure.saved_activation_bytes(model, collate(longest, pad_id, device), task_loss) / 2**20
 
 
 def hyper_parameter_help() -> str:
@@ -542,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", required=True, help=f"one of: {', '.join(variants.REGISTRY)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--setting", default="default", help="name of the hyper-parameter setting (a folder of the record path)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a hyper-parameter")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override hyper-parameters (repeatable: --set a=1 --set b=2 sets both)")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--out", help="record path (default: RESULTS/runs/TASK/VARIANT/SETTING/seedS.json)")
     parser.add_argument("--selection", help="a sweep's selection file (python -m lorabench.sweep): its hyper-parameters win over --set")

@@ -119,14 +119,37 @@ def make_optimizer(model: nn.Module, variant, variant_cfg, cfg: TrainConfig) -> 
     return torch.optim.AdamW(split, lr=cfg.lr)
 
 
+def labelled_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder's float32 logits at the positions that predict a labelled token, flattened, and
+    those tokens. The output layer (SmolLM2: 49,152 columns, a fifth of a forward pass) runs
+    only from the first position of the batch that predicts one (``logits_to_keep``), not on
+    the prompts before it nor on the last position, which predicts nothing."""
+    targets = batch["labels"][:, 1:]
+    labelled = targets != IGNORE_INDEX
+    first = int(labelled.any(0).int().argmax())
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    keep = torch.arange(first, targets.shape[1], device=targets.device)
+    logits = model(**inputs, logits_to_keep=keep).logits
+    labelled = labelled[:, first:]
+    return logits[labelled].float(), targets[:, first:][labelled]
+
+
+def task_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The model's own ``.loss``; a decoder's the same mean over labelled tokens, without
+    logits where no token is predicted (``labelled_logits``)."""
+    if batch["labels"].ndim == 1:
+        return model(**batch).loss
+    return nn.functional.cross_entropy(*labelled_logits(model, batch))
+
+
 def training_loss(model: nn.Module, variant, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(what to minimise, the task loss): the task loss plus the variant's regulariser, if it
     has one (AdaLoRA's orthogonality penalty). Curves log the task loss alone, comparable
     across variants."""
-    task_loss = model(**batch).loss
+    loss = task_loss(model, batch)
     if hasattr(variant, "loss_penalty"):
-        return task_loss + variant.loss_penalty(model), task_loss
-    return task_loss, task_loss
+        return loss + variant.loss_penalty(model), loss
+    return loss, loss
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -190,13 +213,9 @@ def perplexity(model: nn.Module, examples: list[dict], pad_id: int, batch_size: 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        targets = labels[:, 1:]
-        losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        total += losses.item()
-        count += int((targets != IGNORE_INDEX).sum())
+        logits, targets = labelled_logits(model, collate([examples[i] for i in order[start : start + batch_size]], pad_id, device))
+        total += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        count += len(targets)
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(loss)}

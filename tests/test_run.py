@@ -107,7 +107,8 @@ def test_cli_input_errors_exit_2_without_record(tmp_path):
     env = {**os.environ, "LORABENCH_DATA": str(tiny_data(tmp_path))}
     for args, message in ((["--variant", "nope"], "known variants: "),
                           (["--variant", "lora", "--set", "rank=1000"], "rank=1000 is larger than layer"),
-                          (["--variant", "lora", "--set", "lr=-1"], "lr=-1.0 must be > 0")):
+                          (["--variant", "lora", "--set", "lr=-1"], "lr=-1.0 must be > 0"),
+                          (["--variant", "lora", "--set", "lr=-1", "--set", "max_steps=0"], "lr=-1.0 must be > 0")):  # --set repeats
         result = subprocess.run([sys.executable, "-m", "lorabench.run", "--task", "sst2", *args, "--results", str(tmp_path / "r")],
                                 capture_output=True, text=True, cwd=ROOT, env=env)
         assert result.returncode == 2, result.stderr
