@@ -95,6 +95,7 @@ rule train:
     # jobs get through the default study faster than one two-thread job (README, "Performance").
     # A profile's set-threads (train=N) overrides this.
     threads: max(1, workflow.cores // 2)
+    priority: lambda wildcards: run_of(wildcards).priority
     conda:
         ENV
     resources:

@@ -56,6 +56,13 @@ class Run:
         """What the training job needs before it starts: the selection file of a swept setting."""
         return {"selection": f"{results}/{self.selection}"} if self.selection else {}
 
+    @property
+    def priority(self) -> int:
+        """Snakemake's priority of the run's job: runs with extraction (a full fine-tune plus its
+        SVDs and the scoring of the extracted adapters, the study's longest jobs) start first, so
+        that the job slots end together instead of one of them alone on a long run."""
+        return int(bool(dict(self.overrides).get("extract")))
+
     def cli_sets(self) -> str:
         """``key=value`` words for ``lorabench.run --set``, each shell-quoted."""
         return " ".join(shlex.quote(f"{key}={_yaml_scalar(value)}") for key, value in self.overrides)
