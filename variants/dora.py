@@ -9,10 +9,10 @@ Formula
     m in R^{d_out}: the magnitude, init ||W||_c, trained. A in R^{r x d_in}, Kaiming-uniform
     init; B in R^{d_out x r}, zero init; both trained (LoRA on the direction W + s B A).
     The bias is not rescaled. As PEFT computes it, from the base output y0 = W x + b:
-    y = y0 + (m / n - 1) W x + (m / n) s B A x,
-    with W x = y0 - b (one subtraction instead of a second matmul, as PEFT); with dropout in
-    training, both x of the last two terms are dropout(x) and W dropout(x) is computed afresh
-    (PEFT's DoraLinearVariant.forward).
+    y = y0 + (m / n - 1) W x + (m / n) s B A x = (m / n) (y0 + s B A x) + (1 - m / n) b,
+    the second form computed (two passes over the output, no second matmul); with dropout in
+    training, both x of the first form's last two terms are dropout(x) and W dropout(x) is
+    computed afresh (PEFT's DoraLinearVariant.forward).
 
 Claims
     - B = 0 and m = ||W||_c at init, so the model is unchanged at step 0 (IDENTITY_AT_INIT).
@@ -23,9 +23,10 @@ Claims
     - n is treated as a constant (no gradient; the paper's section 4.3), so backward keeps no
       d_out x d_in graph: less training memory for a negligible accuracy change, the paper
       reports. n is still recomputed at every forward, as B and A change at every step, so
-      nothing about it can be cached during training (W + s B A is built in one allocation
-      and freed at once); PEFT's optional eval-time cache is left out, as a stale one would
-      be a silent error.
+      only W's own row norms can be cached (W is frozen; init() computes them): n^2 is their
+      sum with two terms of r columns each (magnitude_scale), never W + s B A itself. PEFT
+      builds W + s B A at every forward; its optional eval-time cache is left out, as a stale
+      one would be a silent error.
 
 Defaults: r = 8, alpha = 16, dropout 0, as lora (PEFT's LoraConfig with use_dora=True).
 QUANTIZABLE_BASE is False: every forward reads W to take the norms.
@@ -51,12 +52,20 @@ class Config(VariantConfig):
 
 
 def param_specs(d_in, d_out, cfg):
-    return {**lora.param_specs(d_in, d_out, cfg), "lora_magnitude": ParamSpec((d_out,), zeros)}  # m: filled by init()
+    return {**lora.param_specs(d_in, d_out, cfg), **magnitude_specs(d_out)}
+
+
+def magnitude_specs(d_out):
+    """m, trained, and ||W||_c^2, frozen and not saved (init() takes both from W, which stays frozen)."""
+    return {"lora_magnitude": ParamSpec((d_out,), zeros),
+            "lora_weight_norm_sq": ParamSpec((d_out,), zeros, trainable=False, persistent=False)}
 
 
 @torch.no_grad()
 def init(layer, cfg):
-    layer.lora_magnitude.copy_(torch.linalg.vector_norm(layer.weight, dim=1))
+    norm = torch.linalg.vector_norm(layer.weight, dim=1)
+    layer.lora_magnitude.copy_(norm)
+    layer.lora_weight_norm_sq.copy_(norm.square())  # whose square root is norm exactly: m / n = 1 while P = 0
 
 
 def adapted_weight(layer, factors):
@@ -65,26 +74,39 @@ def adapted_weight(layer, factors):
 
 
 def magnitude_scale(layer, factors):
-    """m / ||W + s P||_c, the norm held constant (no graph through the d_out x d_in matrix)."""
-    with torch.no_grad():
-        norm = torch.linalg.vector_norm(adapted_weight(layer, factors), dim=1)
+    """m / ||W + s P||_c, the norm held constant (no graph through it), from P = L A (A the last
+    factor) as ||W_i + s P_i||^2 = ||W_i||^2 + 2 s sum(L * W A^T)_i + s^2 sum(L A A^T * L)_i:
+    one read of W for r columns, W's own row norms from init(), and no d_out x d_in matrix
+    built (the direct form writes W + s P and reads it again), in float32 under autocast too."""
+    s = layer.lora_config.scaling
+    with torch.no_grad(), torch.autocast(layer.weight.device.type, enabled=False):
+        left, right = reduce(torch.matmul, factors[:-1]), factors[-1]
+        cross = (left * (layer.weight @ right.T)).sum(1)
+        own = ((left @ (right @ right.T)) * left).sum(1)
+        norm = (layer.lora_weight_norm_sq + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
     return layer.lora_magnitude / norm
 
 
 def output(layer, x, y, factors):
     """DoRA's layer output for the low-rank update s P, P the product of ``factors`` (leftmost
-    first); EDoRA's too."""
+    first); EDoRA's too. Without dropout, y = W x + b gives the output as
+    (m / n) (y + s P x) + (1 - m / n) b: one fused multiply-add into y and one fused scaling,
+    two passes over the output where the formula term by term takes about seven."""
     cfg = layer.lora_config
+    scale = magnitude_scale(layer, factors)
     if cfg.dropout and layer.training:
         x = F.dropout(x, cfg.dropout, training=True)
-        base = F.linear(x, layer.weight)
-    else:
-        base = y if layer.bias is None else y - layer.bias
-    update = x
-    for factor in reversed(factors):
-        update = F.linear(update, factor)
-    scale = magnitude_scale(layer, factors)
-    return y + (scale - 1) * base + scale * update * cfg.scaling
+        update = x
+        for factor in reversed(factors):
+            update = F.linear(update, factor)
+        return y + (scale - 1) * F.linear(x, layer.weight) + scale * update * cfg.scaling
+    low = x
+    for factor in reversed(factors[1:]):
+        low = F.linear(low, factor)
+    adapted = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), factors[0].T, alpha=cfg.scaling).view_as(y)
+    if layer.bias is None:
+        return adapted * scale
+    return torch.addcmul((1 - scale) * layer.bias, adapted, scale)
 
 
 def merged_delta(layer, factors):

@@ -59,7 +59,7 @@ def param_specs(d_in, d_out, cfg):
         "lora_A": ParamSpec((cfg.rank, d_in), frozen, trainable=False),
         "lora_B": ParamSpec((d_out, cfg.rank), frozen, trainable=False),
         "lora_R": ParamSpec((cfg.rank, cfg.rank), zeros),
-        "lora_magnitude": ParamSpec((d_out,), zeros),  # filled by dora.init()
+        **dora.magnitude_specs(d_out),  # filled by dora.init()
     }
 
 
