@@ -121,8 +121,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
     assert_same_run(resumed, reference)
 
 
+# Randomized SVDs on the tiny model's matrices (exact_below 0, 6 columns), so that the resumed run
+# must restore the warm-start bases and the extractor's random generator, not only its spectra.
 FULL = ["max_steps=10", "batch_size=4", "threads=1", "checkpoint_every=4", "log_every=1", "timing_warmup_steps=1",
-        "extract={interval: 2, eval_ranks: [2], eval_thresholds: []}"]
+        "extract={interval: 2, max_rank: 4, eval_ranks: [2], eval_thresholds: [], svd: {exact_below: 0, oversample: 2}}"]
 
 
 def test_full_run_with_extraction_resumes_exactly(tmp_path):
