@@ -83,7 +83,7 @@ def forward(layer, x, y):
     if cfg.dropout:
         x = F.dropout(x, cfg.dropout, layer.training)
     vera_a, vera_b = _projections(layer)
-    return y + layer.lora_lambda_b * F.linear(layer.lora_lambda_d * F.linear(x, vera_a), vera_b)
+    return torch.addcmul(y, layer.lora_lambda_b, F.linear(layer.lora_lambda_d * F.linear(x, vera_a), vera_b))  # y + b * (...), one pass
 
 
 def delta_weight(layer):
