@@ -231,11 +231,12 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     return storage_bytes([value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)])
 
 
-def held_for_backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+def held_for_backward(model: nn.Module, batch: dict[str, torch.Tensor], loss: Callable[[nn.Module, dict], torch.Tensor]) -> int:
     """Bytes of the tensors autograd still holds for the backward pass when the forward ends. As
     ``measure.saved_activation_bytes`` (the run record's figure), but a tensor saved by a graph
     that the forward itself discarded (PEFT's DoRA builds B A from an identity matrix with
-    gradients on, then detaches it) is freed before the backward and does not count."""
+    gradients on, then detaches it) is freed before the backward and does not count. ``loss`` is
+    the side's own (a ``Trainee``'s): what it trains on is what it keeps."""
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: list[weakref.ref] = []
 
@@ -245,10 +246,10 @@ def held_for_backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        loss = model(**batch).loss
+        value = loss(model, batch)
         alive = [tensor for tensor in (ref() for ref in saved) if tensor is not None]
         held = storage_bytes(alive)
-    del loss, alive
+    del value, alive
     return held
 
 
@@ -299,8 +300,8 @@ class Trainee:
             saved = None
         else:
             with autocast(setup.device, setup.precision):
-                activations, kind = held_for_backward(self.model, setup.batch), "held_for_backward"
-                saved = measure.saved_activation_bytes(self.model, setup.batch)
+                activations, kind = held_for_backward(self.model, setup.batch, self.loss), "held_for_backward"
+                saved = measure.saved_activation_bytes(self.model, setup.batch, self.loss)
         added = model_bytes(self.model) + storage_bytes(self.extra_state()) - base_bytes
         state = optimizer_bytes(self.optimizer)
         return {"activations": activations, "activations_kind": kind, "adapter": added, "optimizer": state,
