@@ -63,7 +63,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-    except (SafetensorError, OSError) as error:
+    except (SafetensorError, OSError, RuntimeError) as error:  # RuntimeError: a truncated file
         raise CheckpointError(f"{path}: not a readable checkpoint ({error}); delete it to start the run afresh") from error
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a lorabench checkpoint of format version {FORMAT_VERSION}; delete it to start the run afresh")

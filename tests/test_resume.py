@@ -64,11 +64,21 @@ def command(out: Path, variant: str, sets: list[str]) -> list[str]:
     return [sys.executable, "-m", "lorabench.run", "--task", "sst2", "--variant", variant, "--out", str(out), "--set", *sets]
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of the checkpoint at ``path``; -1 while there is none, or while the running job
+    replaces it between the reader's opening the file and mapping it (safetensors then sees a
+    header and a file size of two different checkpoints)."""
+    try:
+        return checkpoint.read_state(path)["step"]
+    except checkpoint.CheckpointError:
+        return -1
+
+
 def kill_after_checkpoint(args: list[str], env: dict, path: Path, step: int, log: Path) -> int:
     """Start the run, SIGKILL it once its checkpoint has reached ``step``; the checkpoint's step."""
     with log.open("w") as stderr:
         process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        while not (path.exists() and checkpoint.read_state(path)["step"] >= step):
+        while checkpoint_step(path) < step:
             assert process.poll() is None, f"the run ended before a checkpoint at step {step}:\n{log.read_text()[-2000:]}"
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
