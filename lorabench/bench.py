@@ -1,5 +1,6 @@
 """Performance, side by side: our hook-based variants against PEFT's implementations of the same
-methods, what an adapter costs over its base, and what parasitic extraction costs a full fine-tune.
+methods, what an adapter costs over its base, what parasitic extraction costs a full fine-tune,
+and how the study's training jobs best share a CPU.
 
     python -m lorabench.bench                                  # every section: MiniLM, SST-2 sentences
     python -m lorabench.bench --only peft --method dora --profile
@@ -33,6 +34,13 @@ Sections (``--only NAME``, repeatable):
                 FLOPs and of the floor (its two products with dW), at intervals 10, 50 and 200
                 (target < 0.25% at 50); the first extraction, from a Gaussian sketch, apart; beside
                 the W0 snapshot's memory (copied, or memory-mapped from the checkpoint).
+``jobs``        the default profile's two training jobs at a time with half the cores each, against
+                one job with all the cores: LoRA and full fine-tuning steps in separate processes
+                (two half-core jobs together, one all-core job of as many steps, one half-core job
+                alone, alternately): the throughput ratio, and how much the two slow each other.
+``scoring``     a decoder's perplexity of E2E's test references as the default study scores them,
+                the references of one prompt sharing one pass over it, against each reference
+                teacher-forced in full (the same loss within float rounding).
 """
 
 from __future__ import annotations
@@ -60,17 +68,20 @@ import tasks
 import variants
 from lorabench import adapters, extract, measure, models, quantize
 from lorabench.train import (
+    IGNORE_INDEX,
     TrainConfig,
     autocast,
     collate,
     length_grouped_batches,
     make_optimizer,
+    perplexity,
     resolve_precision,
+    shared_prompts,
     train,
     training_loss,
 )
 
-SECTIONS = ("peft", "overhead", "extraction")
+SECTIONS = ("peft", "overhead", "extraction", "jobs", "scoring")
 METHODS = ("lora", "dora", "vera", "pissa", "delora", "adalora", "qlora")
 SPEED_TARGET = {"dora": 1.15}  # tokens/s ours / PEFT at least this; 1.0 for the others
 MEMORY_TARGET = 1.0  # memory ours / PEFT at most this
@@ -78,6 +89,7 @@ LOSS_TOLERANCE = 1e-5  # step-0 losses of ours and PEFT's agree within this
 INFERENCE_TARGET = 1.10  # unmerged / merged forward time at most this
 EXTRACTION_INTERVALS = (10, 50, 200)
 EXTRACTION_TARGET = (50, 0.25)  # at interval 50, under 0.25% of training time
+SCORING_ROUNDS = 3  # rounds of the scoring section: one call of the real decoder's takes seconds
 LORA_FLOOR = 2 / 3  # a LoRA step over a full step, counting the matmuls alone
 TARGETS = "every linear layer outside the task head, named to PEFT one by one (PEFT trains the head as modules_to_save)"
 
@@ -598,7 +610,8 @@ def section_extraction(setup: Setup, steps: int) -> dict[str, Any]:
     width = extract_cfg.max_rank + extract_cfg.oversample
     products = sum(4 * p.numel() * width for p in extractor.matrices.values()) / step_flops  # the two passes over dW alone
     snapshot = extractor.snapshot
-    spectra = storage_bytes([t for found in extractor.last.values() for t in (found.U, found.S, found.V, found.basis) if t is not None])
+    spectra = storage_bytes([t for found in extractor.last.values() for t in (found.U, found.S, found.V, found.basis) if t is not None]
+                            + list(extractor.differences.values()))
     result = {
         "steps": steps, "tokens_per_step": trained["tokens"] / steps, "matrices": len(extractor.matrices),
         "extractions": len(extractor.extractions), "extraction_over_step": warm, "cold_extraction_over_step": cold,
@@ -629,7 +642,172 @@ def section_extraction(setup: Setup, steps: int) -> dict[str, Any]:
         print(f"every {every:3d} steps: {entry['percent_time']:6.3f}% of training time, {entry['percent_flops']:6.3f}% of its "
               f"FLOPs, floor {entry['percent_floor']:6.3f}%{verdict}")
     print(f"extra memory: W0 snapshot by {snapshot.kind}, {result['snapshot']['copied_mb']:.1f} MB copied, "
-          f"{result['snapshot']['mapped_mb']:.1f} MB memory-mapped; the last spectra and bases kept {result['spectra_mb']:.1f} MB")
+          f"{result['snapshot']['mapped_mb']:.1f} MB memory-mapped; the last spectra and bases and the dW buffers kept {result['spectra_mb']:.1f} MB")
+    return result
+
+
+# --- section 4: how the study's job slots share a CPU -----------------------------------------------------
+
+
+def job_worker(connection, setup: Setup, threads: int) -> None:
+    """One training job's process for ``section_jobs``: a LoRA and a full fine-tune of the bench's
+    model, trained ``steps`` steps at a time on command, with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    lora_net, lora_cfg = lora_model(setup)
+    full, full_net = variants.get("full"), setup.fresh_model()
+    adapters.attach(full_net, full, full.Config())
+    trainees = {"lora": ours(lora_net, variants.get("lora"), lora_cfg, setup, max_steps=1),
+                "full": ours(full_net, full, full.Config(), setup, max_steps=1)}
+    for trainee in trainees.values():
+        for _ in range(setup.warmup):
+            trainee.step(setup)
+    connection.send("ready")
+    while (command := connection.recv()) is not None:
+        workload, steps = command
+        for _ in range(steps):
+            trainees[workload].step(setup)
+        connection.send("done")
+
+
+def timed_together(connections: list, workload: str, steps: int) -> float:
+    """Milliseconds from telling every job to train ``steps`` steps to the last one's answer."""
+    started = time.perf_counter()
+    for connection in connections:
+        connection.send((workload, steps))
+    for connection in connections:
+        connection.recv()
+    return 1e3 * (time.perf_counter() - started)
+
+
+def section_jobs(setup: Setup, steps: int = 2) -> dict[str, Any]:
+    """The default profile's choice of two training jobs at a time with half the cores each,
+    against one job at a time with all of them: the same training steps, in separate processes
+    (as Snakemake runs jobs), alternately: two half-core jobs of ``steps`` steps each together,
+    one all-core job of 2 x ``steps``, one half-core job of ``steps`` alone. A throughput ratio
+    above 1 means the two jobs get through more steps; the last side shows what the two jobs
+    cost each other (memory bandwidth, shared caches)."""
+    import multiprocessing
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    half = max(1, cores // 2)
+    print(f"\n== jobs: two training jobs with {half} thread(s) each against one with {cores}, separate processes, alternating ==")
+    if setup.device.type != "cpu":
+        print(f"skipped: on {setup.device.type} a training job holds a whole device (profiles/slurm: one GPU per job)")
+        return {"skipped": f"device {setup.device.type}"}
+    context = multiprocessing.get_context("spawn")
+    pipes, processes = [], []
+    for threads in (half, half, cores):
+        parent, child = context.Pipe()
+        process = context.Process(target=job_worker, args=(child, setup, threads), daemon=True)
+        process.start()
+        pipes.append(parent)
+        processes.append(process)
+    try:
+        for connection in pipes:
+            connection.recv()
+        result: dict[str, Any] = {"cores": cores, "threads_per_job": half, "steps_per_job": steps}
+        for workload in ("lora", "full"):
+            two, one, alone = [], [], []
+            for _ in range(setup.rounds):
+                two.append(timed_together(pipes[:2], workload, steps))
+                one.append(timed_together(pipes[2:], workload, 2 * steps))
+                alone.append(timed_together(pipes[:1], workload, steps))
+            entry = {"two_jobs_ms": statistics.median(two), "one_job_ms": statistics.median(one),
+                     "alone_ms": statistics.median(alone),
+                     "throughput_two_over_one": statistics.median(b / a for a, b in zip(two, one, strict=True)),
+                     "slowdown_together": statistics.median(a / c for a, c in zip(two, alone, strict=True)),
+                     "rounds_two_jobs_ms": two, "rounds_one_job_ms": one, "rounds_alone_ms": alone}
+            result[workload] = entry
+            print(f"{workload:5} two {half}-thread jobs x {steps} steps {entry['two_jobs_ms']:7.1f} ms, one {cores}-thread job x "
+                  f"{2 * steps} steps {entry['one_job_ms']:7.1f} ms: two jobs train {entry['throughput_two_over_one']:.3f}x as "
+                  f"many steps a second; each runs {entry['slowdown_together']:.3f}x as long as alone")
+    finally:
+        for connection in pipes:
+            connection.send(None)
+        for process in processes:
+            process.join(timeout=30)
+    return result
+
+
+# --- section 5: a decoder's scoring -------------------------------------------------------------------------
+
+SCORING_EVAL_SIZE = 100  # references, as the default study scores E2E (config/config.yaml)
+
+
+def tiny_llama() -> nn.Module:
+    """The smoke test's decoder: a 2-layer, 32-wide Llama built from a config (no download)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def synthetic_references(prompts: int, references: int, vocab: int, seed: int) -> list[dict]:
+    """E2E-like examples of random tokens: ``references`` continuations of 20-30 tokens for each of
+    ``prompts`` prompts of 40-50, the prompt unlabelled."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(low: int, high: int) -> list[int]:
+        return torch.randint(1, vocab, (int(torch.randint(low, high + 1, (), generator=generator)),), generator=generator).tolist()
+
+    examples = []
+    for _ in range(prompts):
+        prompt = tokens(40, 50)
+        for _ in range(references):
+            reference = tokens(20, 30)
+            examples.append({"input_ids": prompt + reference, "labels": [IGNORE_INDEX] * len(prompt) + reference})
+    return examples
+
+
+def e2e_references(tokenizer) -> list[dict] | None:
+    """The E2E test references the default study scores (whole meaning representations, about
+    100 references), encoded as a run encodes them; None when LORABENCH_DATA holds no E2E."""
+    from lorabench import run
+
+    data_dir = os.environ.get("LORABENCH_DATA")
+    if not data_dir or not (Path(data_dir) / "e2e" / "testset_w_refs.csv").is_file():
+        return None
+    task = tasks.get("e2e")
+    hparams = run.resolve_hparams("e2e", "lora", {"eval_size": SCORING_EVAL_SIZE, "data_dir": data_dir})
+    splits = run.split_sizes(task.load(data_dir, "local"), hparams, task.sample_by)
+    return task.encode(tokenizer, splits["eval"], hparams["max_length"], hparams["truncation"])
+
+
+def section_scoring(setup: Setup, decoder: str, quick: bool) -> dict[str, Any]:
+    """A decoder's perplexity of references, the references of one prompt sharing one pass over it
+    (``train.perplexity``), against every reference teacher-forced in full: the same loss, less
+    compute (E2E's prompts are 61% of its references' tokens)."""
+    if quick:
+        model, pad_id, name = tiny_llama(), 0, "tiny Llama (2 layers, hidden 32, from a LlamaConfig)"
+        examples, source = synthetic_references(4, 3, 100, seed=0), "synthetic prompts and references"
+    else:
+        model, tokenizer = models.load_causal_lm(decoder)
+        pad_id, name = tokenizer.pad_token_id, models.MODELS[decoder].about if decoder in models.MODELS else decoder
+        examples, source = e2e_references(tokenizer), "E2E test references"
+        if examples is None:
+            examples, source = synthetic_references(15, 7, len(tokenizer), seed=0), "synthetic prompts and references (no E2E in LORABENCH_DATA)"
+    model.to(setup.device).eval()
+    batch_size = 32  # E2E's eval_batch_size
+    groups, alone = shared_prompts(examples)
+    print(f"\n== scoring: {name}, perplexity of {len(examples)} {source} ({len(groups)} shared prompts, {len(alone)} alone), "
+          "prompts shared against every reference in full; alternating ==")
+
+    def score(share: bool) -> float:
+        with autocast(setup.device, setup.precision):
+            return perplexity(model, examples, pad_id, batch_size, setup.device, share_prompts=share)["loss"]
+
+    full_loss, shared_loss = score(False), score(True)
+    timing = dataclasses.replace(setup, warmup=min(setup.warmup, 1), rounds=min(setup.rounds, SCORING_ROUNDS))
+    timed = side_by_side(lambda: score(False), lambda: score(True), timing)
+    result = {"model": name, "examples": len(examples), "source": source, "shared_prompts": len(groups),
+              "full_ms": timed["a_ms"], "shared_ms": timed["b_ms"], "shared_over_full": timed["ratio"],
+              "loss_full": full_loss, "loss_shared": shared_loss, "relative_loss_gap": abs(shared_loss - full_loss) / full_loss,
+              "rounds": timing.rounds, "rounds_full_ms": timed["rounds_a_ms"], "rounds_shared_ms": timed["rounds_b_ms"]}
+    print(f"every reference in full {result['full_ms']:8.1f} ms  prompts shared {result['shared_ms']:8.1f} ms  "
+          f"shared/full {result['shared_over_full']:.3f} (median of {timing.rounds} rounds)  "
+          f"losses {full_loss:.6f} and {shared_loss:.6f} (relative gap {result['relative_loss_gap']:.1e})")
     return result
 
 
@@ -646,6 +824,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a tiny BERT, synthetic tokens, few rounds: the smoke test")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--model", default="minilm", help="a named model, Hub id or checkpoint folder (default: minilm)")
+    parser.add_argument("--decoder", default="smollm2", help="scoring section: a named decoder, Hub id or checkpoint folder "
+                        "(default: smollm2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, help=f"torch CPU threads (default: torch's; --quick: {QUICK['threads']})")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -689,6 +869,10 @@ def main(argv: list[str] | None = None) -> int:
         figures["overhead"] = section_overhead(setup)
     if "extraction" in sections:
         figures["extraction"] = section_extraction(setup, args.extraction_steps)
+    if "jobs" in sections:
+        figures["jobs"] = section_jobs(setup)
+    if "scoring" in sections:
+        figures["scoring"] = section_scoring(setup, args.decoder, args.quick)
     about["seconds"] = time.perf_counter() - started
     print(f"\n{about['seconds']:.0f} s in all")
     if args.json:

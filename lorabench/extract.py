@@ -208,7 +208,8 @@ def orthonormal(matrix: torch.Tensor) -> torch.Tensor:
     matrix formed in float64), cheaper than Householder QR on these tall, thin matrices. Its
     loss of orthogonality grows with Y's condition number (R's diagonal tells), so past 1e3,
     as for an update of lower rank than the sketch, Householder QR takes over."""
-    factor, info = torch.linalg.cholesky_ex(matrix.mT.double() @ matrix.double())
+    wide = matrix.double()
+    factor, info = torch.linalg.cholesky_ex(wide.mT @ wide)
     diagonal = factor.diagonal()
     if int(info) == 0 and float(diagonal.min()) > 1e-3 * float(diagonal.max()):
         return torch.linalg.solve_triangular(factor.mT.to(matrix.dtype), matrix, upper=True, left=False)
@@ -372,6 +373,7 @@ class Extractor:
         self.flops = 0
         self.last: dict[str, Spectrum] = {}
         self.bases: dict[str, torch.Tensor] = {}  # where each matrix's next warm-started iteration starts
+        self.differences: dict[torch.Size, torch.Tensor] = {}  # dW's buffer, one per matrix shape
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def triggers(self, step: int, loss: float, validation: float | None, higher_is_better: bool) -> list[str]:
@@ -412,8 +414,7 @@ class Extractor:
         started = time.perf_counter()
         layers, flops = {}, 0
         for name, parameter in self.matrices.items():
-            w0 = self.snapshot.weights[name]
-            delta = parameter.detach().float() - w0.to(parameter.device, torch.float32)
+            delta = self.difference(name, parameter)
             start = self.bases.get(name) if cfg.warm_start else None
             found = spectrum(delta, cfg.max_rank, cfg.oversample, cfg.niter, cfg.exact_below, self.generator, start, cfg.warm_niter)
             self.last[name] = found
@@ -436,6 +437,16 @@ class Extractor:
             }
         self.extractions.append(entry)
         return entry
+
+    def difference(self, name: str, parameter: nn.Parameter) -> torch.Tensor:
+        """dW = W - W0 in float32, written into a buffer kept for the matrix's shape: one
+        allocation per shape for the whole run, where a fresh dW per matrix and extraction
+        made the allocator map and fault in new pages every time. ``spectrum`` keeps nothing
+        of it, so the next matrix of the shape reuses it."""
+        buffer = self.differences.get(parameter.shape)
+        if buffer is None:
+            buffer = self.differences[parameter.shape] = torch.empty(parameter.shape, device=parameter.device, dtype=torch.float32)
+        return torch.sub(parameter.detach().float(), self.snapshot.weights[name].to(parameter.device, torch.float32), out=buffer)
 
     # What a checkpoint keeps (lorabench/checkpoint.py): JSON-able findings and counters, the
     # sketch generator's state and the bases the next extraction starts from. The spectra

@@ -15,6 +15,7 @@ recomputes the rest in the backward pass. ``checkpoint_every`` saves the loop's 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import warnings
@@ -205,13 +206,97 @@ def predict(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int
     return [predictions[i] for i in range(len(examples))], [example["labels"] for example in examples]
 
 
+def prompt_length(example: dict) -> int:
+    """Tokens before the first labelled one: a generation task's prompt (0 for language modelling)."""
+    return next((i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX), len(example["labels"]))
+
+
+def shared_prompts(examples: list[dict]) -> tuple[list[list[int]], list[int]]:
+    """(groups of two or more examples that share a prompt and label something after it, the
+    indices of the rest)."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, example in enumerate(examples):
+        if 0 < prompt_length(example) < len(example["labels"]):
+            by_prompt.setdefault(tuple(example["input_ids"][: prompt_length(example)]), []).append(i)
+    groups = [members for members in by_prompt.values() if len(members) > 1]
+    grouped = {i for members in groups for i in members}
+    return groups, [i for i in range(len(examples)) if i not in grouped]
+
+
+def shared_prompt_loss(model: nn.Module, groups: list[list[dict]], pad_id: int, device: torch.device) -> tuple[float, int] | None:
+    """(summed cross-entropy, labelled tokens) of ``groups`` of examples, each sharing one prompt:
+    each prompt runs once (left-padded beside the others, positions counted from its first
+    token) and its key-value cache serves every continuation of its group, which is what
+    teacher forcing computes for each example anyway. A prompt's last position predicts each
+    first labelled token; the continuations, right-padded, predict the rest. None for a model
+    whose cache cannot be selected across a batch."""
+    prompts = [group[0]["input_ids"][: prompt_length(group[0])] for group in groups]
+    length = max(len(prompt) for prompt in prompts)
+    prompt_mask = torch.tensor([[0] * (length - len(prompt)) + [1] * len(prompt) for prompt in prompts], device=device)
+    head = model(input_ids=torch.tensor([[pad_id] * (length - len(prompt)) + prompt for prompt in prompts], device=device),
+                 attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
+                 logits_to_keep=1)
+    # transformers 5 renames past_key_values to cache (the old name is deprecated until 5.40)
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = head.get(keyword)
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)
+    examples = [example for group in groups for example in group]
+    starts = [len(prompts[g]) for g in owner.tolist()]
+    rest = [example["input_ids"][start:] for example, start in zip(examples, starts)]
+    width = max(len(ids) for ids in rest)
+    labels = torch.tensor([example["labels"][start:] + [IGNORE_INDEX] * (width - len(ids))
+                           for example, start, ids in zip(examples, starts, rest)], device=device)
+    labelled = labels[:, 0] != IGNORE_INDEX
+    total = nn.functional.cross_entropy(head.logits[owner, -1][labelled].float(), labels[:, 0][labelled], reduction="sum")
+    count = int(labelled.sum())
+    if width > 1:
+        cache.batch_select_indices(owner)
+        ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rest], device=device)
+        mask = torch.cat([prompt_mask[owner], torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rest], device=device)], 1)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=torch.arange(width - 1, device=device), **{keyword: cache}).logits
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        total = total + nn.functional.cross_entropy(logits[labelled].float(), targets[labelled], reduction="sum")
+        count += int(labelled.sum())
+    return total.item(), count
+
+
+def prompt_batches(groups: list[list[int]], examples: list[dict], batch_size: int) -> list[list[list[int]]]:
+    """Groups (split where one holds more than ``batch_size`` examples) packed into batches of at
+    most ``batch_size`` examples, prompts of similar length together."""
+    chunks = [members[start : start + batch_size] for members in groups for start in range(0, len(members), batch_size)]
+    chunks.sort(key=lambda members: prompt_length(examples[members[0]]))
+    batches: list[list[list[int]]] = []
+    for chunk in chunks:
+        if not batches or sum(map(len, batches[-1])) + len(chunk) > batch_size:
+            batches.append([])
+        batches[-1].append(chunk)
+    return batches
+
+
 @torch.no_grad()
-def perplexity(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean cross-entropy per labelled token over ``examples`` (nats) and its exponential."""
+def perplexity(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device: torch.device,
+               share_prompts: bool = True) -> dict[str, float]:
+    """Mean cross-entropy per labelled token over ``examples`` (nats) and its exponential.
+    Examples that share a prompt (E2E: the references of one meaning representation, 61% of
+    their tokens) are scored from one pass over it (``shared_prompt_loss``), several prompts to
+    a batch; the rest in length-sorted batches."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    groups, alone = shared_prompts(examples) if share_prompts else ([], list(range(len(examples))))
     total, count = 0.0, 0
+    for batch in prompt_batches(groups, examples, batch_size):
+        scored = shared_prompt_loss(model, [[examples[i] for i in chunk] for chunk in batch], pad_id, device)
+        if scored is None:
+            alone.extend(i for chunk in batch for i in chunk)
+            continue
+        total += scored[0]
+        count += scored[1]
+    order = sorted(alone, key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         logits, targets = labelled_logits(model, collate([examples[i] for i in order[start : start + batch_size]], pad_id, device))
         total += nn.functional.cross_entropy(logits, targets, reduction="sum").item()

@@ -62,6 +62,17 @@ def test_quick_benchmark_runs_every_section_with_finite_ratios(quick_run):
     assert 0 < extraction["products_floor_over_step"] and extraction["cold_extraction_over_step"] > 0
     assert extraction["snapshot"]["copied_mb"] + extraction["snapshot"]["mapped_mb"] > 0
 
+    jobs = figures["jobs"]
+    assert jobs["threads_per_job"] == max(1, jobs["cores"] // 2)
+    for workload in ("lora", "full"):
+        for key in ("two_jobs_ms", "one_job_ms", "alone_ms", "throughput_two_over_one", "slowdown_together"):
+            assert finite(jobs[workload][key]), f"jobs.{workload}.{key} = {jobs[workload][key]!r}"
+        assert any(line.startswith(workload) and "two jobs train" in line for line in printed.splitlines()), workload
+
+    scoring = figures["scoring"]
+    assert scoring["shared_prompts"] == 4 and finite(scoring["shared_over_full"])
+    assert scoring["relative_loss_gap"] < 1e-5  # sharing a prompt's pass changes what is computed, not the loss
+
 
 def test_ours_and_peft_agree_on_the_step0_loss(quick_run):
     figures, _ = quick_run

@@ -15,7 +15,7 @@ import transformers
 
 import tasks
 from lorabench import models, run
-from lorabench.train import IGNORE_INDEX, collate, perplexity
+from lorabench.train import IGNORE_INDEX, collate, perplexity, shared_prompts
 from tasks import e2e, lm
 from tests.helpers import shared_data
 
@@ -102,6 +102,38 @@ def test_perplexity_is_the_exponential_of_transformers_loss():
     scores = perplexity(model, [example, {"input_ids": [9, 9], "labels": [IGNORE_INDEX, IGNORE_INDEX]}], 0, 2, torch.device("cpu"))
     assert scores["loss"] == pytest.approx(expected, rel=1e-5)
     assert scores["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_examples_sharing_a_prompt_score_as_they_do_alone():
+    """One pass over a shared prompt and its cache for every continuation: the same loss as each
+    example teacher-forced in full, whatever the continuations' lengths, batches and padding."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+
+    def example(prompt: list[int], reference: list[int]) -> dict:
+        return {"input_ids": prompt + reference, "labels": [IGNORE_INDEX] * len(prompt) + reference}
+
+    examples = [example([3, 4, 5], [6, 7, 8, 9]), example([3, 4, 5], [10]), example([3, 4, 5], [11, 12, 13, 14, 15, 16]),
+                example([20, 21], [22, 23]), example([20, 21], [24, 25, 26]), example([30, 31, 32, 33], [34, 35]),
+                {"input_ids": [40, 41, 42], "labels": [40, 41, 42]},
+                {"input_ids": [3, 4, 5], "labels": [IGNORE_INDEX] * 3}, {"input_ids": [3, 4, 5], "labels": [IGNORE_INDEX] * 3}]
+    assert [sorted(group) for group in sorted(shared_prompts(examples)[0])] == [[0, 1, 2], [3, 4]]
+    plain = perplexity(model, examples, 0, 2, torch.device("cpu"), share_prompts=False)
+    for batch_size in (1, 2, 32):
+        shared = perplexity(model, examples, 0, batch_size, torch.device("cpu"))
+        assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-6), batch_size
+
+    class WithoutCache(torch.nn.Module):  # a decoder that returns no cache: every example is scored in full
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **inputs):
+            return transformers.modeling_outputs.CausalLMOutputWithPast(logits=self.inner(**inputs).logits)
+
+    assert perplexity(WithoutCache(), examples, 0, 2, torch.device("cpu"))["loss"] == pytest.approx(plain["loss"], rel=1e-6)
 
 
 def test_shakespeare_splits_as_the_hub_and_cuts_blocks(tmp_path):
