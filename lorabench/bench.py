@@ -789,7 +789,7 @@ def section_scoring(setup: Setup, decoder: str, quick: bool) -> dict[str, Any]:
         if examples is None:
             examples, source = synthetic_references(15, 7, len(tokenizer), seed=0), "synthetic prompts and references (no E2E in LORABENCH_DATA)"
     model.to(setup.device).eval()
-    batch_size = 32  # E2E's eval_batch_size
+    batch_size = tasks.get("e2e").defaults["eval_batch_size"]  # as a run scores E2E
     groups, alone = shared_prompts(examples)
     print(f"\n== scoring: {name}, perplexity of {len(examples)} {source} ({len(groups)} shared prompts, {len(alone)} alone), "
           "prompts shared against every reference in full; alternating ==")

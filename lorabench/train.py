@@ -216,8 +216,9 @@ def shared_prompts(examples: list[dict]) -> tuple[list[list[int]], list[int]]:
     indices of the rest)."""
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, example in enumerate(examples):
-        if 0 < prompt_length(example) < len(example["labels"]):
-            by_prompt.setdefault(tuple(example["input_ids"][: prompt_length(example)]), []).append(i)
+        length = prompt_length(example)
+        if 0 < length < len(example["labels"]):
+            by_prompt.setdefault(tuple(example["input_ids"][:length]), []).append(i)
     groups = [members for members in by_prompt.values() if len(members) > 1]
     grouped = {i for members in groups for i in members}
     return groups, [i for i in range(len(examples)) if i not in grouped]
