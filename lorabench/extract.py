@@ -24,7 +24,8 @@ every 50 steps, against the exact SVD): the first warm extraction's explained va
 within 0.01 up to rank 32 and 0.025 at rank 64 (the subspace still turns early in training;
 ``warm_niter: 1`` cuts that to 0.005 for twice the cost), the third's within 0.005, the last
 (the adapter the run scores) within 0.002, where a cold sketch stays within 0.009; each warm
-extraction costs a third of a cold one.
+extraction makes a third of a cold one's products with dW. Only S is formed at each extraction
+(the eigenvalues of a q x q matrix); U and V, when an adapter is asked for.
 
 W0 costs no copy where it can be re-read: on CPU, when the base checkpoint is a safetensors
 file holding exactly the loaded weights, W0 is a read-only memory map of that file (the OS
@@ -141,20 +142,28 @@ class ExtractConfig:
 
 @dataclass
 class Spectrum:
-    """The leading singular triplets of one dW and the energy of the whole of it."""
+    """The leading singular values of one dW and the energy of the whole of it; the singular
+    vectors are formed only when asked, as most extractions need S alone."""
 
-    left: torch.Tensor  # d_out x q: U, or an orthonormal basis Q with U = Q rotation
-    S: torch.Tensor  # q
-    V: torch.Tensor  # d_in x q
+    S: torch.Tensor  # the top max_rank, descending
     energy: float  # ||dW||_F^2
     basis: torch.Tensor | None = None  # d_in x (max_rank + oversample): where the next extraction's iteration starts
-    rotation: torch.Tensor | None = None  # formed into U only when asked: most extractions need S alone
+    ritz: tuple[torch.Tensor, torch.Tensor] | None = None  # subspace_svd's Q and B B^T: with the basis, U and V follow
+    vectors: tuple[torch.Tensor, torch.Tensor] | None = None  # (U, V), once formed
+
+    def singular_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.vectors is None:
+            Q, gram = self.ritz
+            self.vectors, self.ritz = ritz_vectors(Q, self.basis, gram, len(self.S)), None
+        return self.vectors
 
     @property
     def U(self) -> torch.Tensor:
-        if self.rotation is not None:
-            self.left, self.rotation = (self.left @ self.rotation)[:, : len(self.S)], None
-        return self.left
+        return self.singular_vectors()[0]
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self.singular_vectors()[1]
 
     def explained(self, rank: int) -> float:
         """EV(rank), relative to the whole update; 1.0 for an update that is exactly zero."""
@@ -193,14 +202,17 @@ def spectrum(delta: torch.Tensor, max_rank: int, oversample: int, niter: int, ex
     if smaller <= exact_below or width >= smaller:
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         keep = min(max_rank, len(S))
-        return Spectrum(U[:, :keep].contiguous(), S[:keep].contiguous(), Vh[:keep].T.contiguous(), energy)
+        return Spectrum(S[:keep].contiguous(), energy, vectors=(U[:, :keep].contiguous(), Vh[:keep].T.contiguous()))
     if start is None or start.shape != (delta.shape[1], width):
         start = torch.randn(delta.shape[1], width, generator=generator, device=delta.device, dtype=delta.dtype)
         iterations = niter + 1
     else:
         iterations = warm_niter + 1
-    Q, rotation, S, V = subspace_svd(delta, start, iterations)
-    return Spectrum(Q, S[:max_rank], V[:, :max_rank], energy, basis=V, rotation=rotation[:, :max_rank])
+    Q, projection, gram, S = subspace_svd(delta, start, iterations)
+    # B's rows, scaled to unit norm, span the subspace the iteration goes on from: Rayleigh-Ritz
+    # needs no orthonormal start, and with a warm Q they are nearly orthogonal already.
+    basis = (projection / row_norms(gram)[:, None]).mT
+    return Spectrum(S[:max_rank], energy, basis=basis, ritz=(Q, gram))
 
 
 def orthonormal(matrix: torch.Tensor) -> torch.Tensor:
@@ -217,29 +229,42 @@ def orthonormal(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def subspace_svd(matrix: torch.Tensor, start: torch.Tensor, iterations: int):
-    """(Q, W, S, V) with U = Q W, of rank q = ``start``'s columns, by subspace iteration closed by Rayleigh-Ritz
-    (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1): ``iterations - 1`` power iterations
-    V <- orth(M^T orth(M V)), then Q = orth(M V), Z = M^T Q (= B^T for the projection B = Q^T M),
-    Z^T Z = W S^2 W^T, U = Q W, V = Z W / S: two products with M per iteration, and the small
-    eigenproblem (q x q) instead of an SVD of B. From a Gaussian ``start`` and niter + 1
-    iterations it is the randomized SVD (the same subspace as Halko's niter power iterations);
-    from the previous extraction's V, one iteration carries the iteration on as the weights
-    move, so its accuracy builds up over a run where a cold sketch's would not."""
+    """(Q, B, B B^T, S) of rank q = ``start``'s columns, by subspace iteration closed by
+    Rayleigh-Ritz (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1): ``iterations - 1``
+    power iterations V <- orth((orth(M V)^T M)^T), then Q = orth(M V), the projection B = Q^T M
+    (q x n) and S^2 the eigenvalues of B B^T (q x q), the squared singular values of B;
+    ``ritz_vectors`` forms U and V from its eigenvectors when asked. Two products with M per
+    iteration, each with row-major operands: Q^T M is the same numbers as M^T Q at two thirds
+    of its time. From a Gaussian ``start`` and niter + 1 iterations it is the randomized SVD
+    (the same subspace as Halko's niter power iterations); from the previous extraction's
+    subspace, one iteration carries the iteration on as the weights move, so its accuracy
+    builds up over a run where a cold sketch's would not."""
     basis = start
     for _ in range(iterations - 1):
-        basis = orthonormal(matrix.mT @ orthonormal(matrix @ basis))
+        basis = orthonormal((orthonormal(matrix @ basis).mT @ matrix).mT)
     Q = orthonormal(matrix @ basis)
-    Z = matrix.mT @ Q
-    eigenvalues, W = torch.linalg.eigh(Z.mT @ Z)
-    S = eigenvalues.flip(0).clamp_min(0).sqrt()
-    W = W.flip(1)
-    right = Z @ W  # columns orthogonal, of norms S
+    projection = Q.mT @ matrix
+    gram = projection @ projection.mT
+    return Q, projection, gram, torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
+def row_norms(gram: torch.Tensor) -> torch.Tensor:
+    """The norms of B's rows from B B^T, kept off zero so that a row of zeros divides into zeros."""
+    return gram.diagonal().sqrt().clamp_min(torch.finfo(gram.dtype).tiny)
+
+
+def ritz_vectors(Q: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular vectors (U, V) of ``subspace_svd``'s result, from Q, B B^T and
+    the basis B^T scaled to unit columns (``spectrum``): B B^T = W S^2 W^T, U = Q W, V = B^T W / S."""
+    eigenvalues, W = torch.linalg.eigh(gram)
+    S, W = eigenvalues.flip(0).clamp_min(0).sqrt(), W.flip(1)
+    right = basis @ (row_norms(gram)[:, None] * W)  # B^T W: columns orthogonal, of norms S
     if S[-1] > 1e-6 * S[0]:
         V = right / S
     else:  # directions the update lacks: any orthonormal completion, its columns' signs kept
         V, R = torch.linalg.qr(right)
         V = V * torch.where(R.diagonal() < 0, -1.0, 1.0).to(V.dtype)
-    return Q, W, S, V
+    return (Q @ W[:, :rank]).contiguous(), V[:, :rank].contiguous()
 
 
 def svd_flops(d_out: int, d_in: int, max_rank: int, oversample: int, niter: int, exact_below: int, warm: bool = False,
@@ -249,8 +274,9 @@ def svd_flops(d_out: int, d_in: int, max_rank: int, oversample: int, niter: int,
     max_rank + oversample columns and i iterations (niter + 1 from a sketch, warm_niter + 1
     ``warm`` from the last basis): per power iteration two products with dW (2 m n q each)
     and two Cholesky QRs (Gram 2 rows q^2, solve rows q^2, Cholesky q^3 / 3), then the
-    last iteration's product pair, one Cholesky QR, Z^T Z (2 n q^2), the eigenproblem (9 q^3)
-    and V (2 n q^2; U is formed only for the adapters scored at the end); or an exact SVD (4 m n^2 + 22 n^3, n the smaller side; Golub and
+    last iteration's product pair, one Cholesky QR, Z^T Z (2 n q^2), its eigenvalues (4 q^3 / 3,
+    the tridiagonal reduction) and the next basis (n q; U and V are formed only for the adapters
+    scored at the end); or an exact SVD (4 m n^2 + 22 n^3, n the smaller side; Golub and
     Van Loan)."""
     m, n = d_out, d_in
     width = min(max_rank + oversample, m, n)
@@ -263,7 +289,7 @@ def svd_flops(d_out: int, d_in: int, max_rank: int, oversample: int, niter: int,
         return 3 * rows * width**2 + width**3 // 3
     products = 4 * m * n * width * iterations
     power = (iterations - 1) * (cholesky_qr(m) + cholesky_qr(n))
-    last = cholesky_qr(m) + 2 * n * width**2 + 9 * width**3 + 2 * n * width**2
+    last = cholesky_qr(m) + 2 * n * width**2 + 4 * width**3 // 3 + n * width
     return base + products + power + last
 
 
