@@ -274,7 +274,7 @@ def svd_flops(d_out: int, d_in: int, max_rank: int, oversample: int, niter: int,
     max_rank + oversample columns and i iterations (niter + 1 from a sketch, warm_niter + 1
     ``warm`` from the last basis): per power iteration two products with dW (2 m n q each)
     and two Cholesky QRs (Gram 2 rows q^2, solve rows q^2, Cholesky q^3 / 3), then the
-    last iteration's product pair, one Cholesky QR, Z^T Z (2 n q^2), its eigenvalues (4 q^3 / 3,
+    last iteration's product pair, one Cholesky QR, B B^T (2 n q^2), its eigenvalues (4 q^3 / 3,
     the tridiagonal reduction) and the next basis (n q; U and V are formed only for the adapters
     scored at the end); or an exact SVD (4 m n^2 + 22 n^3, n the smaller side; Golub and
     Van Loan)."""

@@ -71,7 +71,7 @@ def test_extraction_flops_count_the_sketch_or_the_exact_svd():
     def cholesky_qr(rows):
         return 3 * rows * q * q + q**3 // 3
 
-    last = 4 * m * n * q + cholesky_qr(m) + 2 * n * q * q + 4 * q**3 // 3 + n * q  # products, QR, Z^T Z, eigenvalues, basis
+    last = 4 * m * n * q + cholesky_qr(m) + 2 * n * q * q + 4 * q**3 // 3 + n * q  # products, QR, B B^T, eigenvalues, basis
     power = 4 * m * n * q + cholesky_qr(m) + cholesky_qr(n)
     assert extract.svd_flops(m, n, 64, 16, 2, 0) == 3 * m * n + 2 * power + last  # a sketch and two power iterations
     assert extract.svd_flops(m, n, 64, 16, 2, 0, warm=True) == 3 * m * n + last  # warm: the last iteration alone
