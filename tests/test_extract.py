@@ -123,8 +123,9 @@ def test_an_update_of_lower_rank_than_the_sketch_still_gives_orthonormal_factors
 
 @pytest.mark.parametrize("condition", [10.0, 1e3, 1e5], ids=["well", "ill", "householder"])
 def test_cholesky_qr_stays_orthonormal_however_ill_conditioned_the_columns(condition):
-    """A Gram formed in float32 would leave Q 5e-3 from orthonormal at a condition number of
-    1e3; past the one Cholesky QR takes, Householder QR must."""
+    """Q orthonormal at condition number 1e3, where a Gram formed in float32 would leave it 5e-3
+    off (so the Gram stays float64), and past what Cholesky QR handles, where Householder QR
+    takes over."""
     columns = with_spectrum(600, 40, torch.logspace(0, -math.log10(condition), 40).tolist()).float()
     Q = extract.orthonormal(columns)
     torch.testing.assert_close(Q.mT @ Q, torch.eye(40), atol=1e-5, rtol=0)
