@@ -290,11 +290,12 @@ def perplexity(model: nn.Module, examples: list[dict], pad_id: int, batch_size: 
     model.eval()
     groups, alone = shared_prompts(examples) if share_prompts else ([], list(range(len(examples))))
     total, count = 0.0, 0
-    for batch in prompt_batches(groups, examples, batch_size):
+    batches = prompt_batches(groups, examples, batch_size)
+    for position, batch in enumerate(batches):
         scored = shared_prompt_loss(model, [[examples[i] for i in chunk] for chunk in batch], pad_id, device)
-        if scored is None:
-            alone.extend(i for chunk in batch for i in chunk)
-            continue
+        if scored is None:  # a cache this model cannot share: no later batch can either, so none pays a prompt pass more
+            alone.extend(i for later in batches[position:] for chunk in later for i in chunk)
+            break
         total += scored[0]
         count += scored[1]
     order = sorted(alone, key=lambda i: len(examples[i]["input_ids"]))

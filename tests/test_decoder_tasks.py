@@ -129,11 +129,15 @@ def test_examples_sharing_a_prompt_score_as_they_do_alone():
         def __init__(self):
             super().__init__()
             self.inner = model
+            self.prompt_passes = 0
 
         def forward(self, **inputs):
+            self.prompt_passes += bool(inputs.get("use_cache"))
             return transformers.modeling_outputs.CausalLMOutputWithPast(logits=self.inner(**inputs).logits)
 
-    assert perplexity(WithoutCache(), examples, 0, 2, torch.device("cpu"))["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    without_cache = WithoutCache()
+    assert perplexity(without_cache, examples, 0, 2, torch.device("cpu"))["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert without_cache.prompt_passes == 1  # found out once, not once a batch of shared prompts
 
 
 def test_shakespeare_splits_as_the_hub_and_cuts_blocks(tmp_path):
