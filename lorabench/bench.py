@@ -27,7 +27,8 @@ Sections (``--only NAME``, repeatable):
                 task head, AdaLoRA's importance averages), plus AdamW's state.
 ``overhead``    a LoRA step against a full fine-tuning step (the floor is about two thirds: a
                 frozen W needs no weight gradient and no optimizer state), and inference (eval
-                mode, no grad) of an unmerged r=8 LoRA against the same model merged: target <= 1.10.
+                mode, no grad) of an unmerged r=8 LoRA against the same model merged: target <= 1.10;
+                PEFT's unmerged LoRA with the same tensors against the merged model, for reference.
 ``extraction``  a short full fine-tune through ``train.train`` with an ``Extractor`` every 10
                 steps: each warm-started extraction against the median step since the one before
                 (the median of those ratios) gives the share of training time, with that of its
@@ -372,13 +373,14 @@ def peft_config(name: str, cfg, names: list[str], max_steps: int):
 
 
 @torch.no_grad()
-def same_weights(name: str, attachment, theirs) -> None:
+def same_weights(name: str, attachment, theirs, randomize: bool = True) -> None:
+    """Copy our adapter's tensors into PEFT's, the first made random first where ``randomize``."""
     generator = torch.Generator().manual_seed(7)
     for layer_name, layer in attachment.layers.items():
         module = theirs.base_model.model.get_submodule(layer_name)
         for i, (key, theirs_tensor) in enumerate(PEFT_TENSORS[name].items()):
             tensor = getattr(layer, key)
-            if i == 0 and name in RANDOM_STD:
+            if randomize and i == 0 and name in RANDOM_STD:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * RANDOM_STD[name])
             theirs_tensor(module).copy_(tensor)
 
@@ -528,19 +530,35 @@ def lora_against_full(setup: Setup) -> dict[str, Any]:
 
 
 def unmerged_against_merged(setup: Setup) -> dict[str, Any]:
-    """Inference (eval mode, no grad) of the r=8 adapter on its hooks against the same adapter merged."""
-    unmerged, merged = lora_model(setup)[0].eval(), adapters.merge(lora_model(setup)[0]).eval()
+    """Inference (eval mode, no grad) of the r=8 adapter on its hooks against the same adapter merged;
+    PEFT's unmerged LoRA with the same tensors against the merged model too, for reference."""
+    (unmerged, cfg), merged = lora_model(setup), adapters.merge(lora_model(setup)[0]).eval()
+    unmerged.eval()
     inputs = {key: value for key, value in setup.batch.items() if key != "labels"}
 
     def forward(model: nn.Module) -> torch.Tensor:
         with torch.no_grad(), autocast(setup.device, setup.precision):
             return model(**inputs).logits
 
-    gap = (forward(unmerged) - forward(merged)).abs().max().item()
+    reference = forward(merged)
+    gap = (forward(unmerged) - reference).abs().max().item()
     timed = side_by_side(lambda: forward(merged), lambda: forward(unmerged), setup)
-    return {"merged_ms": timed["a_ms"], "unmerged_ms": timed["b_ms"], "unmerged_over_merged": timed["ratio"],
-            "target": INFERENCE_TARGET, "pass": timed["ratio"] <= INFERENCE_TARGET, "max_logit_gap": gap,
-            "rounds_merged_ms": timed["rounds_a_ms"], "rounds_unmerged_ms": timed["rounds_b_ms"]}
+    result = {"merged_ms": timed["a_ms"], "unmerged_ms": timed["b_ms"], "unmerged_over_merged": timed["ratio"],
+              "target": INFERENCE_TARGET, "pass": timed["ratio"] <= INFERENCE_TARGET, "max_logit_gap": gap,
+              "rounds_merged_ms": timed["rounds_a_ms"], "rounds_unmerged_ms": timed["rounds_b_ms"]}
+    reason = skip_reason("lora")
+    if reason is not None:
+        return result | {"peft": {"skipped": reason}}
+    import peft
+
+    attachment = adapters.attachment_of(unmerged)
+    theirs = peft.get_peft_model(setup.fresh_model(), peft_config("lora", cfg, list(attachment.layers), max_steps=1))
+    same_weights("lora", attachment, theirs, randomize=False)
+    theirs.eval()
+    timed = side_by_side(lambda: forward(merged), lambda: forward(theirs), setup)
+    return result | {"peft": {"merged_ms": timed["a_ms"], "unmerged_ms": timed["b_ms"], "unmerged_over_merged": timed["ratio"],
+                              "max_logit_gap": (forward(theirs) - reference).abs().max().item(),
+                              "rounds_merged_ms": timed["rounds_a_ms"], "rounds_unmerged_ms": timed["rounds_b_ms"]}}
 
 
 def section_overhead(setup: Setup) -> dict[str, Any]:
@@ -553,6 +571,12 @@ def section_overhead(setup: Setup) -> dict[str, Any]:
     print(f"inference      merged {inference['merged_ms']:5.1f} ms  unmerged r=8 {inference['unmerged_ms']:5.1f} ms  "
           f"unmerged/merged {inference['unmerged_over_merged']:.3f} {mark(inference['pass'])} (<={INFERENCE_TARGET:.2f})  "
           f"(same logits within {inference['max_logit_gap']:.1e})")
+    theirs = inference["peft"]
+    if "skipped" in theirs:
+        print(f"PEFT's unmerged LoRA skipped: {theirs['skipped']}")
+    else:
+        print(f"PEFT's         merged {theirs['merged_ms']:5.1f} ms  unmerged r=8 {theirs['unmerged_ms']:5.1f} ms  "
+              f"unmerged/merged {theirs['unmerged_over_merged']:.3f}  (same tensors; logits within {theirs['max_logit_gap']:.1e})")
     return {"train_step": step, "inference": inference}
 
 

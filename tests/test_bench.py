@@ -53,6 +53,9 @@ def test_quick_benchmark_runs_every_section_with_finite_ratios(quick_run):
     assert finite(overhead["train_step"]["lora_over_full"])
     assert finite(overhead["inference"]["unmerged_over_merged"])
     assert overhead["inference"]["max_logit_gap"] < 1e-4  # merged and unmerged are the same model
+    theirs = overhead["inference"]["peft"]
+    assert finite(theirs["unmerged_over_merged"]) and theirs["max_logit_gap"] < 1e-4  # and PEFT's, with our tensors
+    assert "PEFT's         merged" in printed
 
     extraction = figures["extraction"]
     assert set(extraction["intervals"]) == {str(interval) for interval in bench.EXTRACTION_INTERVALS}
