@@ -541,11 +541,15 @@ def unmerged_against_merged(setup: Setup) -> dict[str, Any]:
             return model(**inputs).logits
 
     reference = forward(merged)
-    gap = (forward(unmerged) - reference).abs().max().item()
-    timed = side_by_side(lambda: forward(merged), lambda: forward(unmerged), setup)
-    result = {"merged_ms": timed["a_ms"], "unmerged_ms": timed["b_ms"], "unmerged_over_merged": timed["ratio"],
-              "target": INFERENCE_TARGET, "pass": timed["ratio"] <= INFERENCE_TARGET, "max_logit_gap": gap,
-              "rounds_merged_ms": timed["rounds_a_ms"], "rounds_unmerged_ms": timed["rounds_b_ms"]}
+
+    def against_merged(model: nn.Module) -> dict[str, Any]:
+        timed = side_by_side(lambda: forward(merged), lambda: forward(model), setup)
+        return {"merged_ms": timed["a_ms"], "unmerged_ms": timed["b_ms"], "unmerged_over_merged": timed["ratio"],
+                "max_logit_gap": (forward(model) - reference).abs().max().item(),
+                "rounds_merged_ms": timed["rounds_a_ms"], "rounds_unmerged_ms": timed["rounds_b_ms"]}
+
+    result = against_merged(unmerged)
+    result |= {"target": INFERENCE_TARGET, "pass": result["unmerged_over_merged"] <= INFERENCE_TARGET}
     reason = skip_reason("lora")
     if reason is not None:
         return result | {"peft": {"skipped": reason}}
@@ -554,11 +558,7 @@ def unmerged_against_merged(setup: Setup) -> dict[str, Any]:
     attachment = adapters.attachment_of(unmerged)
     theirs = peft.get_peft_model(setup.fresh_model(), peft_config("lora", cfg, list(attachment.layers), max_steps=1))
     same_weights("lora", attachment, theirs, randomize=False)
-    theirs.eval()
-    timed = side_by_side(lambda: forward(merged), lambda: forward(theirs), setup)
-    return result | {"peft": {"merged_ms": timed["a_ms"], "unmerged_ms": timed["b_ms"], "unmerged_over_merged": timed["ratio"],
-                              "max_logit_gap": (forward(theirs) - reference).abs().max().item(),
-                              "rounds_merged_ms": timed["rounds_a_ms"], "rounds_unmerged_ms": timed["rounds_b_ms"]}}
+    return result | {"peft": against_merged(theirs.eval())}
 
 
 def section_overhead(setup: Setup) -> dict[str, Any]:
