@@ -210,8 +210,10 @@ def spectrum(delta: torch.Tensor, max_rank: int, oversample: int, niter: int, ex
         iterations = warm_niter + 1
     Q, projection, gram, S = subspace_svd(delta, start, iterations)
     # B's rows, scaled to unit norm, span the subspace the iteration goes on from: Rayleigh-Ritz
-    # needs no orthonormal start, and with a warm Q they are nearly orthogonal already.
-    basis = (projection / row_norms(gram)[:, None]).mT
+    # needs no orthonormal start, and with a warm Q they are nearly orthogonal already. Stored
+    # row-major, as a checkpoint restores it: BLAS sums M @ basis in another order for a
+    # transposed operand, so a resumed run would part from the live one in the last bits.
+    basis = (projection / row_norms(gram)[:, None]).mT.contiguous()
     return Spectrum(S[:max_rank], energy, basis=basis, ritz=(Q, gram))
 
 

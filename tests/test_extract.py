@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lorabench import adapters, extract
 from lorabench.extract import ExtractConfig, ExtractConfigError, Spectrum, spectrum
@@ -184,10 +184,13 @@ def test_snapshot_maps_the_checkpoint_without_a_copy_and_falls_back_to_one(tmp_p
         extract.take_snapshot(matrices, tmp_path, "mmap", torch.device("cpu"))
 
 
-def fine_tuned_pair():
-    """(base model, the same model after a few full fine-tuning steps, its extractor)."""
+EXACT = ExtractConfig(snapshot="copy", max_rank=32, exact_below=0, oversample=4, niter=2, eval_ranks=(1, 32), eval_thresholds=(0.9,))
+
+
+def fine_tuned_pair(cfg: ExtractConfig = EXACT):
+    """(base model, the same model after a few full fine-tuning steps, its extractor); the
+    default settings take exact SVDs of the tiny model's 32-wide matrices."""
     base, tuned = build_model("bert"), build_model("bert")
-    cfg = ExtractConfig(snapshot="copy", max_rank=32, exact_below=0, oversample=4, niter=2, eval_ranks=(1, 32), eval_thresholds=(0.9,))
     extractor = extract.Extractor(tuned, cfg, None, torch.device("cpu"), warmup_steps=1)
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=1e-2)
     batch = make_batch()
@@ -197,6 +200,28 @@ def fine_tuned_pair():
         optimizer.zero_grad()
         extractor.after_step(step, 3, 1.0)
     return base, tuned, extractor
+
+
+def test_a_restored_extractor_goes_on_bit_for_bit_as_the_live_one(tmp_path):
+    """A checkpoint stores the warm-start bases row-major (safetensors keeps no strides); the live
+    extractor must hold them in that layout too, or its next products with dW are summed in
+    another order by BLAS and a resumed run parts from the uninterrupted one in the last bits."""
+    _, tuned, live = fine_tuned_pair(ExtractConfig(snapshot="copy", max_rank=4, exact_below=0, oversample=2, niter=1))
+    state, tensors = live.state()
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp_path / "state.safetensors")
+    restored = extract.Extractor(tuned, live.cfg, None, torch.device("cpu"), warmup_steps=1)
+    restored.snapshot = live.snapshot
+    restored.load_state(json_round_trip(state), load_file(tmp_path / "state.safetensors"))
+    assert live.bases and restored.bases.keys() == live.bases.keys()
+    for name, basis in live.bases.items():
+        assert basis.stride() == restored.bases[name].stride(), f"{name}: the live basis is laid out unlike a restored one"
+    with torch.no_grad():
+        for parameter in live.matrices.values():
+            parameter.mul_(1.01)
+    found, expected = restored.extract(4, ["periodic"]), live.extract(4, ["periodic"])
+    assert found["layers"] == expected["layers"]
+    for name, spectrum_ in live.last.items():
+        assert torch.equal(restored.last[name].S, spectrum_.S) and torch.equal(restored.bases[name], live.bases[name]), name
 
 
 def test_extracted_adapter_at_full_rank_reproduces_the_fine_tuned_matrices(tmp_path):
