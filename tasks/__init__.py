@@ -11,6 +11,9 @@ given (``data_dir``, or the ``LORABENCH_DATA`` environment variable), else the H
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import gzip
 import hashlib
 import importlib.metadata
 import inspect
@@ -18,9 +21,10 @@ import json
 import operator
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import datasets
 
@@ -34,6 +38,73 @@ DATA_SOURCES = ("auto", "hub", "local")
 
 class DataError(ValueError):
     """Missing or malformed data; the message names the file, the line and the fix."""
+
+
+_NOT_UTF8_FIX = "the file must be UTF-8 text; re-download it"
+
+
+class _NumberedLines:
+    """A text file's lines, counted as they are read, so that an error met while parsing one can name its line."""
+
+    def __init__(self, handle):
+        self.handle, self.number = handle, 0
+
+    def __iter__(self) -> _NumberedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.handle)
+        self.number += 1
+        return line
+
+
+@contextlib.contextmanager
+def text_lines(path: Path) -> Iterator[_NumberedLines]:
+    """The lines of a local UTF-8 file (gzip-compressed when its name ends in ``.gz``), a byte-order
+    mark dropped and line ends kept, as csv wants them. The local readers read through here (or
+    ``read_text``) so that bytes that are not UTF-8, a corrupt or truncated gzip stream, or a line
+    csv cannot parse, met anywhere while the lines are read, end the run as a DataError naming the
+    file, the line where it is known, and the fix, rather than as a traceback."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        lines = _NumberedLines(handle)
+        try:
+            yield lines
+        except UnicodeDecodeError as error:
+            raise DataError(_where_not_utf8(path, error)) from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+            raise DataError(f"{path}: not a valid, complete gzip file ({error}); re-download it") from None
+        except csv.Error as error:
+            raise DataError(f"{path}:{lines.number}: not a well-formed table ({error}); re-download it") from None
+
+
+def read_text(path: Path) -> str:
+    """A whole local UTF-8 text file, newlines translated; bytes that are not UTF-8 raise a DataError
+    naming the file, the line and the fix."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(_where_not_utf8(path, error)) from None
+
+
+def _where_not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+    """The message for ``path``'s first byte that is not UTF-8, with its line and offset. A text
+    stream decodes in chunks, so ``error`` knows neither; decoding the raw lines one by one finds
+    both (a UTF-8 character never spans a newline). A gzip stream that breaks off before that line
+    leaves ``error``'s reason alone."""
+    compressed = path.suffix == ".gz"
+    offset = 0
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as raw:
+            for number, line in enumerate(raw, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as found:
+                    where = f"byte {offset + found.start}" + (" of the uncompressed text" if compressed else "")
+                    return f"{path}:{number}: not UTF-8 ({found.reason} at {where}); {_NOT_UTF8_FIX}"
+                offset += len(line)
+    except (OSError, EOFError, zlib.error):
+        pass
+    return f"{path}: not UTF-8 ({error.reason}); {_NOT_UTF8_FIX}"
 
 
 @dataclass

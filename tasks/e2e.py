@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from tasks import DataError, Task, column
+from tasks import DataError, Task, column, text_lines
 
 PROMPT = "Meaning representation: {mr}\nDescription:"
 COLUMNS = ("meaning_representation", "human_reference")
@@ -33,8 +33,8 @@ def read_csv(path: Path) -> datasets.Dataset:
     if not path.is_file():
         raise DataError(f"{path}: file not found; point data_dir (or LORABENCH_DATA) at a folder holding e2e/")
     mrs, refs = [], []
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    with text_lines(path) as lines:
+        reader = csv.DictReader(lines)
         if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
             raise DataError(f"{path}:1: expected the header mr,ref, got {reader.fieldnames}")
         for row in reader:

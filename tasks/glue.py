@@ -22,7 +22,7 @@ from typing import Callable
 
 import datasets
 
-from tasks import DataError, Task
+from tasks import DataError, Task, text_lines
 
 
 # scipy and sklearn are imported where a metric needs them: together they add two seconds to
@@ -56,8 +56,8 @@ def read_tsv(path: Path, columns: dict[str, str | int], parse_label: Callable[[s
     if not path.is_file():
         raise DataError(f"{path}: file not found; point data_dir (or LORABENCH_DATA) at a folder holding glue/")
     out: dict[str, list] = {column: [] for column in columns}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    with text_lines(path) as lines:
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
         first = next(reader, None)
         if first is None:
             raise DataError(f"{path}: empty file")

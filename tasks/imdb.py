@@ -15,13 +15,12 @@ of the budget (Sun et al. 2019, arXiv:1905.05583, found head+tail best for IMDB)
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import datasets
 
-from tasks import DataError, Task, column
+from tasks import DataError, Task, column, read_text, text_lines
 from tasks.glue import accuracy
 
 LABELS = {"neg": 0, "pos": 1}
@@ -35,8 +34,8 @@ def canonical(dataset: datasets.Dataset) -> datasets.Dataset:
 
 def read_jsonl(path: Path) -> datasets.Dataset:
     texts, labels = [], []
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with text_lines(path) as lines:
+        for line_number, line in enumerate(lines, start=1):
             try:
                 row = json.loads(line)
                 text, label = row["text"], row["label"]
@@ -56,7 +55,7 @@ def read_folders(split_dir: Path) -> datasets.Dataset:
         if not folder.is_dir():
             raise DataError(f"{folder}: missing; the aclImdb layout needs {split_dir}/{{pos,neg}}/*.txt")
         for path in sorted(folder.glob("*.txt")):
-            texts.append(path.read_text(encoding="utf-8"))
+            texts.append(read_text(path))
             labels.append(label)
     return datasets.Dataset.from_dict({"text": texts, "label": labels})
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import datasets
 
-from tasks import DataError, Task, column
+from tasks import DataError, Task, column, read_text
 
 CHUNK_CHARS = 2000
 SPLITS = (("train", 0.0, 0.9), ("validation", 0.9, 0.95), ("test", 0.95, 1.0))
@@ -52,7 +52,7 @@ def shakespeare_local(data_dir: Path) -> dict[str, datasets.Dataset]:
     path = data_dir / "tinyshakespeare" / "input.txt"
     if not path.is_file():
         raise DataError(f"{path}: file not found; point data_dir (or LORABENCH_DATA) at a folder holding tinyshakespeare/input.txt")
-    return as_rows(split_text(path.read_text(encoding="utf-8")))
+    return as_rows(split_text(read_text(path)))
 
 
 def shakespeare_hub() -> dict[str, datasets.Dataset]:
