@@ -5,7 +5,8 @@ can be rebuilt anywhere from ``results/runs`` without retraining.
 
 ``python -m analysis.aggregate RESULTS_DIR`` writes into ``RESULTS_DIR/tables``:
 ``runs.parquet`` and ``runs.csv`` (the tidy long form), then ``summary``, ``leaderboard``,
-``glue`` and ``lr_selection`` (each as .csv, .md and .tex), then the extraction tables.
+``glue`` and ``lr_selection`` (each as .csv, .md and .tex), then the extraction tables, each
+written atomically. Markdown shows a throughput that no training step timed as ``n/m``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis import extraction
-from lorabench import records
+from lorabench import files, records
 
 RUN_KEY = ["task", "variant", "setting", "seed"]
 GROUP_KEY = ["task", "variant", "setting"]
@@ -75,6 +76,12 @@ RUN_COLUMNS = [
 COUNT_COLUMNS = ["seed", "trainable", "total", "steps", "samples", "tokens", "eval_n", "threads"]
 FLOAT_COLUMNS = ["adapter_mb", "wall_s", "timed_s", "tokens_per_s", "samples_per_s", "peak_memory_mb", "activation_mb", "primary_value"]
 TIDY_VALUE_COLUMNS = ["metric", "value"]
+
+# Throughput is missing (null in the record, NaN here) when a run timed no step: it was no longer
+# than its timing warm-up. Markdown shows that as NOT_MEASURED, never as a blank or a 0.
+THROUGHPUT_COLUMNS = ["tokens_per_s", "samples_per_s"]
+NOT_MEASURED = "n/m"
+NOT_MEASURED_NOTE = f"{NOT_MEASURED}: not measured (no training step was timed: the run was no longer than its timing warm-up)."
 
 # Cost columns the summary averages over a group's successful seeds.
 COST_COLUMNS = ["trainable", "total", "adapter_mb", "peak_memory_mb", "activation_mb", "tokens_per_s", "samples_per_s", "wall_s"]
@@ -344,18 +351,48 @@ def variant_order(variants) -> list[str]:
 def write_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rebuild every table under ``results_dir/tables`` from the records; return (tidy, summary)."""
     tables = Path(results_dir, "tables")
-    tables.mkdir(parents=True, exist_ok=True)
     long = tidy(load_runs(results_dir))
     summary = summarize(long)
-    long.to_parquet(tables / "runs.parquet", index=False)
-    long.to_csv(tables / "runs.csv", index=False)
+    with files.atomic_path(tables / "runs.parquet") as temporary:
+        long.to_parquet(temporary, index=False)
+    write_csv(long, tables / "runs.csv")
     tables_by_name = {"summary": summary, "leaderboard": leaderboard(summary), "glue": glue_average(summary), "lr_selection": lr_selections(long)}
     for name, table in tables_by_name.items():
-        table.to_csv(tables / f"{name}.csv", index=False)
-        (tables / f"{name}.md").write_text(markdown_table(table) + "\n")
-        (tables / f"{name}.tex").write_text(latex_table(table))
+        write_csv(table, tables / f"{name}.csv")
+        files.write_text_atomic(tables / f"{name}.md", markdown_file(table))
+        files.write_text_atomic(tables / f"{name}.tex", latex_table(table))
     extraction.write_tables(results_dir)
     return long, summary
+
+
+def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """A table as CSV, written atomically (``lorabench.files``) so that a kill never leaves half of one."""
+    with files.atomic_path(path) as temporary:
+        table.to_csv(temporary, index=False)
+
+
+def markdown_file(table: pd.DataFrame) -> str:
+    """A table's Markdown file, its unmeasured throughput shown as ``NOT_MEASURED`` and explained below it."""
+    shown = mark_not_measured(table)
+    note = f"\n{NOT_MEASURED_NOTE}\n" if shown.isin([NOT_MEASURED]).any().any() else ""
+    return markdown_table(shown) + "\n" + note
+
+
+def mark_not_measured(table: pd.DataFrame) -> pd.DataFrame:
+    """``NOT_MEASURED`` in the throughput cells of rows that trained (a successful seed, not the
+    untrained base model) but timed no step, so that a missing measurement never reads as one."""
+    trained = pd.Series(True, index=table.index)
+    if "n_seeds" in table.columns:
+        trained &= table["n_seeds"] > 0
+    if "setting" in table.columns:
+        trained &= table["setting"] != BASE_SETTING
+    marked = {column: not_measured(table[column], trained) for column in THROUGHPUT_COLUMNS if column in table.columns}
+    return table.assign(**marked)
+
+
+def not_measured(values: pd.Series, trained: pd.Series) -> pd.Series:
+    """``values`` with ``NOT_MEASURED`` where ``trained`` holds but the value is missing."""
+    return values.astype(object).where(values.notna() | ~trained.to_numpy(), NOT_MEASURED)
 
 
 def format_value(value: Any) -> str:
@@ -388,7 +425,7 @@ def _numeric_column(column: pd.Series) -> bool:
     if pd.api.types.is_numeric_dtype(column):
         return True
     cells = column.dropna().astype(str)
-    cells = cells[cells != ""]
+    cells = cells[(cells != "") & (cells != NOT_MEASURED)]
     return bool(len(cells)) and bool(cells.str.match(r"^[-+]?[\d.,]+( |$)").all())
 
 
@@ -445,6 +482,7 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
         "total": params.get("total"),
         "adapter_mb": None if adapter_bytes is None else adapter_bytes / BYTES_PER_MB,
         **{key: train.get(key) for key in TRAIN_FIELDS},
+        **({key: None for key in THROUGHPUT_COLUMNS} if train.get("timed_steps") == 0 else {}),  # older records wrote 0, not null
         "eval_split": evaluation.get("split"),
         "eval_n": evaluation.get("n"),
         "primary_metric": evaluation.get("primary"),

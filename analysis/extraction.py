@@ -23,7 +23,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from analysis import aggregate  # score_label only, at call time: aggregate imports this module
+from analysis import aggregate  # used at call time only: aggregate imports this module
 from lorabench import records
 
 # Matrix name -> layer type, first match wins (BERT and Llama names).
@@ -87,10 +87,8 @@ def tables(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
 
 def write_tables(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
     found = tables(results_dir)
-    folder = Path(results_dir, "tables")
-    folder.mkdir(parents=True, exist_ok=True)
     for name, table in found.items():
-        table.to_csv(folder / f"{name}.csv", index=False)
+        aggregate.write_csv(table, Path(results_dir, "tables", f"{name}.csv"))
     return found
 
 

@@ -33,6 +33,7 @@ from analysis.aggregate import (
     task_lower_is_better,
     variant_order,
 )
+from lorabench import files
 
 DPI = 150
 # Full fine-tuning, the reference, is a black star (and a dashed line). The others take
@@ -127,7 +128,10 @@ def cost_vs_full(summary: pd.DataFrame, out_stem: str | os.PathLike | None = Non
                 reference = math.nan if full is None else full[column]
                 _draw_ratios(ax, rows, column, reference)
                 ax.set_xlabel(f"{label} (x)")
-                ax.set_title(task if pd.notna(reference) and reference > 0 else f"{task}: no full run to compare with")
+                if full is None:
+                    ax.set_title(f"{task}: no full run to compare with")
+                else:
+                    ax.set_title(task if reference > 0 else f"{task}: full's not measured")
         variant_legend(figure, trained["variant"], "variant")
     if out_stem is not None:
         save(figure, out_stem)
@@ -135,9 +139,13 @@ def cost_vs_full(summary: pd.DataFrame, out_stem: str | os.PathLike | None = Non
 
 
 def _draw_ratios(ax, rows: pd.DataFrame, column: str, reference: float) -> None:
+    """One bar per row; a row that trained but has no value (tokens/s of a run that timed no
+    step) gets the words "not measured" instead of a bar, never a bar of 0."""
     labels = [variant_label(v, s) for v, s in zip(rows["variant"], rows["setting"])]
     ratios = rows[column].astype("float64") / reference if pd.notna(reference) and reference > 0 else rows[column] * math.nan
     for position, (row, ratio, label) in enumerate(zip(rows.itertuples(index=False), ratios, labels)):
+        if pd.isna(getattr(row, column)) and row.n_seeds > 0:
+            ax.text(0, position, " not measured", va="center", color="grey", fontsize="small")
         if pd.isna(ratio):
             continue
         color, marker = variant_style(row.variant)
@@ -151,12 +159,13 @@ def _draw_ratios(ax, rows: pd.DataFrame, column: str, reference: float) -> None:
 
 
 def save(figure: Figure, out_stem: str | os.PathLike) -> list[Path]:
-    """Write PNG (150 dpi) and PDF; the PDF carries no creation date so reruns give the same file."""
+    """Write PNG (150 dpi) and PDF, each atomically; the PDF carries no creation date so reruns
+    give the same file. The format is named: the temporary file's suffix is ``.tmp``."""
     stem = Path(out_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
-    figure.savefig(png, dpi=DPI)
-    figure.savefig(pdf, metadata={"CreationDate": None})
+    for path, options in ((png, {"dpi": DPI}), (pdf, {"metadata": {"CreationDate": None}})):
+        with files.atomic_path(path) as temporary:
+            figure.savefig(temporary, format=path.suffix.removeprefix("."), **options)
     return [png, pdf]
 
 

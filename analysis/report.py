@@ -27,6 +27,8 @@ from analysis.aggregate import (
     ENVIRONMENT_FIELDS,
     GLUE_TASKS,
     GROUP_KEY,
+    NOT_MEASURED,
+    NOT_MEASURED_NOTE,
     environments,
     full_reference,
     glue_average,
@@ -34,12 +36,14 @@ from analysis.aggregate import (
     lr_selections,
     markdown_table,
     metric_name,
+    not_measured,
     runs_from_tidy,
     score_label,
     task_lower_is_better,
     write_tables,
 )
 from analysis.plots import COST_RATIOS, variant_label, write_figures
+from lorabench import files
 
 FIGURE = "figures/score_vs_params.png"
 COST_FIGURE = "figures/cost_vs_full.png"
@@ -59,10 +63,8 @@ def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
     else:
         long, summary = read_tables(results)
     found = extraction.read_tables(results)
-    path = results / "report.md"
     figures = {name for name in (FIGURE, COST_FIGURE) if (results / name).exists()}
-    path.write_text(render(long, summary, figures=figures, extracted=found))
-    return path
+    return files.write_text_atomic(results / "report.md", render(long, summary, figures=figures, extracted=found))
 
 
 def read_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -220,6 +222,7 @@ def results(summary: pd.DataFrame, metrics: pd.DataFrame | None = None, runs: pd
         + f"same seeds. MB = {BYTES_PER_MB:,} bytes. Peak memory kind: {kinds}. Activation MB: what autograd keeps "
         + "for the backward pass of the longest training batch, exact on any device.",
     ]
+    unmeasured = False
     for task, rows in summary.groupby("task", sort=True):
         table = pd.DataFrame(
             {
@@ -235,19 +238,23 @@ def results(summary: pd.DataFrame, metrics: pd.DataFrame | None = None, runs: pd
                 if extra[metric].notna().any() and metric not in set(rows["primary_metric"].dropna()):
                     table[metric] = extra[metric].to_numpy()
         trained = (rows["setting"] != BASE_SETTING).to_numpy()  # the untrained model has no adapter nor training costs
+        tokens_per_s = not_measured(rows["tokens_per_s"].where(trained), trained & (rows["n_seeds"] > 0))
+        unmeasured |= bool((tokens_per_s == NOT_MEASURED).any())
         table = table.assign(
             **{
                 "trainable params": rows["trainable"].round().astype("Int64").where(trained).to_numpy(),
                 "adapter MB": rows["adapter_mb"].where(trained).to_numpy(),
                 "peak memory MB": rows["peak_memory_mb"].where(trained).to_numpy(),
                 "activation MB": rows["activation_mb"].where(trained).to_numpy(),
-                "tokens/s": rows["tokens_per_s"].to_numpy(),
+                "tokens/s": tokens_per_s.to_numpy(),
                 "wall s": rows["wall_s"].to_numpy(),
             }
         )
         notes = data_notes(runs, task) if runs is not None else ""
         table = table.rename(columns={metric: metric_name(metric) for metric in table.columns})
         parts.append(f"### {task} ({score_label(rows)})\n\n{notes}{markdown_table(table)}")
+    if unmeasured:
+        parts.append(f"_tokens/s {NOT_MEASURED_NOTE}_")
     return "\n\n".join(parts)
 
 
@@ -372,6 +379,10 @@ def cost_findings(summary: pd.DataFrame) -> str:
             low, high = trained.loc[ratios.idxmin()], trained.loc[ratios.idxmax()]
             sentences.append(f"{label.split(' /')[0]} from {ratios.min():.2f}x ({variant_label(low.variant, low.setting)}) "
                              f"to {ratios.max():.2f}x ({variant_label(high.variant, high.setting)})")
+        unmeasured = [variant_label(row["variant"], row["setting"]) for row in [full, *(row for _, row in trained.iterrows())]
+                      if pd.isna(row["tokens_per_s"]) and row["n_seeds"] > 0]
+        if unmeasured:
+            sentences.append(f"tokens/s not measured for {', '.join(unmeasured)} (no training step was timed), so not compared")
         if sentences:
             parts.append(f"**{task}**, relative to full fine-tuning: " + "; ".join(sentences) + ".")
     kinds = ", ".join(sorted(summary["peak_memory_kind"].dropna().unique()))
@@ -441,17 +452,26 @@ def gradient_checkpointing(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
                  for name in (DEFAULT_SETTING, setting)]
         rate_note = "" if rates[0] == rates[1] else f" (lr {rates[0]:g} vs {rates[1]:g}: not comparable)"
         rows.append({"task": task, "variant": variant_label(variant, setting),
-                     "activation MB": f"{a.activation_mb:.0f} -> {b.activation_mb:.0f} ({b.activation_mb / a.activation_mb:.2f}x)",
-                     "peak memory MB": f"{a.peak_memory_mb:.0f} -> {b.peak_memory_mb:.0f} ({b.peak_memory_mb / a.peak_memory_mb:.2f}x)",
-                     "tokens/s": f"{a.tokens_per_s:.0f} -> {b.tokens_per_s:.0f} ({b.tokens_per_s / a.tokens_per_s:.2f}x)",
+                     "activation MB": _change(a.activation_mb, b.activation_mb),
+                     "peak memory MB": _change(a.peak_memory_mb, b.peak_memory_mb),
+                     "tokens/s": _change(a.tokens_per_s, b.tokens_per_s),
                      "score": f"{score_text(a.score_mean)} -> {score_text(b.score_mean)}{rate_note}"})
     if not rows:
         return ""
     table = pd.DataFrame(rows)
+    unmeasured = any(NOT_MEASURED in row[column] for row in rows for column in ("activation MB", "peak memory MB", "tokens/s"))
+    note = f" {NOT_MEASURED_NOTE}" if unmeasured else ""
     return ("## Gradient checkpointing\n\n"
             "Each row: the variant's default setting -> the same with `gradient_checkpointing=true` (activations recomputed "
             "in the backward pass instead of kept). Activation MB: what autograd keeps for the backward pass of the longest "
-            "batch; tokens/s: training throughput (the price of recomputing).\n\n" + markdown_table(table))
+            f"batch; tokens/s: training throughput (the price of recomputing).{note}\n\n" + markdown_table(table))
+
+
+def _change(before: float, after: float) -> str:
+    """ "1500 -> 1200 (0.80x)"; a side that was not measured reads ``NOT_MEASURED`` and the ratio is left out."""
+    if pd.isna(before) or pd.isna(after) or not before:
+        return " -> ".join(NOT_MEASURED if pd.isna(value) else f"{value:.0f}" for value in (before, after))
+    return f"{before:.0f} -> {after:.0f} ({after / before:.2f}x)"
 
 
 def learning_rates(table: pd.DataFrame) -> str:

@@ -5,12 +5,14 @@ its variant asks for (``lora_*`` parameters and frozen buffers), a ``lora_config
 and a forward hook that returns ``variant.forward(layer, x, y)``. Task heads that the base
 checkpoint lacks (``classifier``, ``score``) are trained by every variant, as PEFT's
 ``modules_to_save`` does. Adapters are stored as safetensors with their config as JSON
-metadata: loading never unpickles anything.
+metadata and a sha256 of the tensors, which loading checks: loading never unpickles anything,
+and refuses a file whose bytes changed or that holds NaN or inf.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -23,7 +25,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-FORMAT_VERSION = "1"
+from lorabench import files
+
+FORMAT_VERSION = "2"  # 2: a sha256 of the tensors in the metadata (CHECKSUM_KEY)
+READABLE_VERSIONS = ("1", "2")  # version 1 files have no checksum; load still refuses their NaN and inf
+CHECKSUM_KEY = "tensors_sha256"
+CORRUPT_FIX = "the file is corrupt; retrain or re-export it"
 TASK_HEADS = ("classifier", "score")
 
 
@@ -88,11 +95,8 @@ def attach(
     if hasattr(model, "lorabench_attachment"):
         raise AdapterError("the model already has an adapter attached; detach() or merge() it first")
     trains_base = getattr(variant, "TRAINS_BASE", False)
-    layers = {} if trains_base and not variant.param_specs(1, 1, cfg) else find_targets(model, targets)
     overrides = {name: dict(values) for name, values in (overrides or {}).items()}
-    layer_configs = _layer_configs(variant, cfg, layers, overrides)
-    for layer_name, layer in layers.items():
-        _check_layer(layer_name, layer, variant, layer_configs[layer_name])
+    layers, layer_configs = check_attachable(model, variant, cfg, targets, overrides)
 
     attachment = Attachment(variant, cfg, layers, task_heads(model), overrides=overrides)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -115,6 +119,19 @@ def attach(
         _undo(model, requires_grad)
         raise
     return attachment
+
+
+def check_attachable(model: nn.Module, variant: ModuleType, cfg: Any, targets: str | list[str] = "all-linear",
+                     overrides: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, nn.Linear], dict[str, Any]]:
+    """The layers ``attach`` would adapt and each one's config, checked against the layer's
+    shape; raises ``AdapterError`` naming the layer and the fix. Reads shapes only, so it runs
+    on a model built on the meta device (``lorabench.sizing``) as well as on a loaded one."""
+    trains_base = getattr(variant, "TRAINS_BASE", False)
+    layers = {} if trains_base and not variant.param_specs(1, 1, cfg) else find_targets(model, targets)
+    layer_configs = _layer_configs(variant, cfg, layers, overrides or {})
+    for layer_name, layer in layers.items():
+        _check_layer(layer_name, layer, variant, layer_configs[layer_name])
+    return layers, layer_configs
 
 
 def _layer_configs(variant: ModuleType, cfg: Any, layers: dict[str, nn.Linear], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -278,12 +295,39 @@ def save(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | No
     metadata["storage"] = storage
     if storage == "int8":
         tensors = _to_int8(tensors)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    tmp.replace(path)
-    return path
+    metadata[CHECKSUM_KEY] = tensor_checksum(tensors)
+    with files.atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
+    return Path(path)
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order: ``save`` stores it
+    so that ``load`` notices bytes that changed on disk, which safetensors itself never checks."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_integrity(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Refuse NaN or inf in a float tensor (a flipped byte, or an adapter saved from a diverged
+    run, would give NaN logits) and tensors whose checksum differs from the one ``save`` stored."""
+    for name in sorted(tensors):
+        if not tensors[name].is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensors[name])).sum())
+        if bad:
+            raise AdapterError(f"{path}: tensor {name} holds {bad} NaN or infinite values; {CORRUPT_FIX}")
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is None and metadata["format_version"] != "1":
+        raise AdapterError(f"{path}: metadata lacks {CHECKSUM_KEY}, which format_version {metadata['format_version']} "
+                           f"always has; {CORRUPT_FIX}")
+    if expected is not None and tensor_checksum(tensors) != expected:
+        raise AdapterError(f"{path}: the tensors' sha256 differs from {CHECKSUM_KEY} in its metadata (bytes changed "
+                           f"after it was written); {CORRUPT_FIX}")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -294,16 +338,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise AdapterError(f"{path}: not a readable safetensors adapter ({error})") from error
     if metadata.get("format") != "lorabench-adapter":
         raise AdapterError(f"{path}: metadata lacks format=lorabench-adapter; not a lorabench adapter file")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{path}: adapter format_version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if metadata.get("format_version") not in READABLE_VERSIONS:
+        raise AdapterError(f"{path}: adapter format_version {metadata.get('format_version')!r}; this lorabench reads "
+                           f"{', '.join(READABLE_VERSIONS)}: load it with the lorabench version that wrote it")
     return metadata
 
 
 def load(model: nn.Module, path: str | Path) -> Attachment:
     """Attach the adapter stored at ``path`` to a freshly loaded base ``model``.
 
-    The file is read and checked against the model before anything is copied; a bad file
-    raises ``AdapterError`` naming it and leaves the model as it was.
+    The file is read and checked (finite tensors, the checksum ``save`` stored) before the model
+    is touched, then against the model before anything is copied; a bad file raises
+    ``AdapterError`` naming it and leaves the model as it was.
     """
     import variants  # here, not at the top: variant files import this module
 
@@ -321,10 +367,11 @@ def load(model: nn.Module, path: str | Path) -> Attachment:
     try:
         with safe_open(str(path), framework="pt") as handle:
             stored = {key: handle.get_tensor(key) for key in handle.keys()}
-        if metadata.get("storage", "float") == "int8":
-            stored = _from_int8(stored)
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{path}: corrupt adapter file ({error})") from error
+    check_integrity(path, stored, metadata)
+    if metadata.get("storage", "float") == "int8":
+        stored = _from_int8(stored)
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -416,7 +463,7 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
         "inference_mode": True,
     }
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
-    (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with files.atomic_path(folder / PEFT_WEIGHTS) as temporary:
+        save_file(tensors, temporary, metadata={"format": "pt"})
+    files.write_text_atomic(folder / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

@@ -42,11 +42,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lorabench import measure
+from lorabench import files, measure
 from lorabench.adapters import attachment_of
 
 FORMAT = "lorabench-checkpoint"
-FORMAT_VERSION = "2"  # 2: the extractor's warm-start bases
+FORMAT_VERSION = "3"  # 2: the extractor's warm-start bases; 3: the step losses divergence is judged on, the threads
 
 
 class CheckpointError(ValueError):
@@ -102,6 +102,12 @@ class Checkpointer:
         if self.resumed["precision"] != precision:
             raise CheckpointError(f"{self.path} was trained in {self.resumed['precision']}, this run on {device} uses {precision}; "
                                   f"set precision={self.resumed['precision']} or delete the checkpoint to start afresh")
+        if device.type == "cpu" and self.resumed["threads"] != torch.get_num_threads():
+            # Threads are machine-local, as in the record: not in the config hash, so the run resumes, but
+            # a CPU sums in another order with another thread count, and the record says so.
+            print(f"lorabench: warning: {self.path} was written with {self.resumed['threads']} CPU threads, this process has "
+                  f"{torch.get_num_threads()}; the resumed run's results may differ from an uninterrupted run's in the last "
+                  f"bits (set threads={self.resumed['threads']} to resume exactly)", file=sys.stderr, flush=True)
 
     def begin(self) -> float:
         """Start the run's clock; returns its start on ``time.perf_counter``'s scale, moved back by
@@ -137,6 +143,7 @@ class Checkpointer:
             **progress,
             "config_hash": self.config_hash,
             "precision": self.precision,
+            "threads": torch.get_num_threads(),
             "seconds": time.perf_counter() - self.started,
             "peak_memory_mb": self.peak_memory()[0],
             "throughput": throughput.state(),
@@ -149,11 +156,9 @@ class Checkpointer:
         if extractor is not None:
             state["extractor"], extractor_tensors = extractor.state()
             tensors.update(extractor_tensors)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, tmp,
-                  metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "state": json.dumps(state)})
-        tmp.replace(self.path)
+        with files.atomic_path(self.path) as temporary:
+            save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, temporary,
+                      metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "state": json.dumps(state)})
         return self.path
 
     @torch.no_grad()
@@ -200,6 +205,7 @@ class Checkpointer:
                                   "batch stream (were the training data changed?); delete it to start afresh")
 
     def remove(self) -> None:
-        """Delete the checkpoint (and a temporary file a kill mid-write left): the record is written."""
+        """Delete the checkpoint (and any temporary file a kill mid-write left): the record is written."""
         self.path.unlink(missing_ok=True)
-        self.path.with_name(f".{self.path.name}.tmp").unlink(missing_ok=True)
+        for temporary in self.path.parent.glob(files.temporary_pattern(self.path)):
+            temporary.unlink(missing_ok=True)

@@ -155,10 +155,14 @@ class Throughput:
         self._timing = state["timing"]
 
     def summary(self) -> dict[str, float | int | None]:
+        """Throughput over the timed steps; None (not measured) when no step was timed, as in a
+        run no longer than its warm-up, so that no table shows 0 tokens/s as a measurement."""
         self.pause()
+        timed_steps = max(self.steps - self.warmup_steps, 0)
+        measured = timed_steps > 0 and self.seconds > 0
         return {
-            "timed_steps": max(self.steps - self.warmup_steps, 0),
-            "timed_s": self.seconds,
-            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
-            "samples_per_s": self.samples / self.seconds if self.seconds > 0 else None,
+            "timed_steps": timed_steps,
+            "timed_s": self.seconds if measured else None,
+            "tokens_per_s": self.tokens / self.seconds if measured else None,
+            "samples_per_s": self.samples / self.seconds if measured else None,
         }

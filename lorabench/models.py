@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 SOURCES = ("auto", "hub", "package")
@@ -132,6 +132,26 @@ def checkpoint_folder(name: str, source: str = "auto") -> Path | None:
     return where if where.is_dir() else None
 
 
+def load_config(name: str, source: str = "auto", **overrides):
+    """The model's config alone (layer shapes, no weights): from the GGUF's header when the
+    package's file has not been converted yet, so that sizing a run never waits for that."""
+    named = MODELS.get(name)
+    folder = named.package_dir() if named is not None and named.gguf_file and source != "hub" else None
+    if folder is not None and not (cache_dir() / "models" / name / "config.json").is_file():
+        config = AutoConfig.from_pretrained(folder, gguf_file=named.gguf_file, **overrides)
+        config.__dict__.pop("quantization_config", None)
+        return config
+    return AutoConfig.from_pretrained(locate(name, source), **overrides)
+
+
+def load_tokenizer(name: str, source: str = "auto"):
+    """The model's tokenizer, with a padding token (its end-of-sequence token where it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(locate(name, source))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_classifier(name: str, num_labels: int, source: str = "auto", dtype: torch.dtype = torch.float32):
     """A sequence-classification model (new head, seeded by the caller) and its tokenizer."""
     return _load(AutoModelForSequenceClassification, name, source, dtype, num_labels=num_labels)
@@ -148,11 +168,10 @@ def _load(model_class, name: str, source: str, dtype: torch.dtype, **kwargs):
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        tokenizer = load_tokenizer(name, source)
         model = model_class.from_pretrained(where, dtype=dtype, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

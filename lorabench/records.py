@@ -12,14 +12,18 @@ Layout (``SCHEMA_VERSION`` 1)::
     error           null | {type, message, step}
     run             {task, variant, setting, model, seed, hparams{...}, config_hash}
     params          {trainable, total, adapter_bytes, adapter_path,
+                     memory_estimate (null, or lorabench.sizing's floor from before the model
+                     loaded: parameters_mb, optimizer_mb, activation_mb, total_mb, batch),
                      variant_report (optional: what the variant reports, e.g. AdaLoRA's ranks)}
     train           {steps, samples, tokens, wall_s, timed_s, timed_steps,
-                     tokens_per_s, samples_per_s, peak_memory_mb, peak_memory_kind,
+                     tokens_per_s, samples_per_s (null when no step was timed),
+                     peak_memory_mb, peak_memory_kind,
                      activation_mb (autograd's saved tensors for the longest batch),
                      precision ("fp32" | "bf16": what ran, precision=auto resolved),
                      checkpoint_every, resumed_from_step (null, or the step of the
                      checkpoint a killed run resumed from; wall_s, timed_s and peak
-                     memory then span both processes),
+                     memory then span both processes), resumed_threads (the CPU threads
+                     of the process that wrote that checkpoint),
                      loss_curve[[step, loss]], val_curve[[step, value]]}
     eval            {split, n, metrics{name: value}, primary, primary_value}
     extraction      null | {...}   (parasitic extraction, full fine-tuning only)
@@ -32,9 +36,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from lorabench import files
 
 SCHEMA_VERSION = 1
 
@@ -102,22 +107,10 @@ def validate(record: dict[str, Any], source: str = "<record>") -> dict[str, Any]
 
 
 def write_atomic(path: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Write JSON so that readers see the old file, or the whole new one, never a part."""
+    """Write JSON so that readers see the old file, or the whole new one, never a part; the
+    record is serialized before the file is touched, so a value JSON cannot hold changes nothing."""
     validate(record, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle, indent=1, sort_keys=False, default=_json_default)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return files.write_text_atomic(path, json.dumps(record, indent=1, default=_json_default) + "\n")
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:

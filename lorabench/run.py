@@ -38,7 +38,7 @@ import yaml
 
 import tasks
 import variants
-from lorabench import adapters, checkpoint, extract, measure, models, quantize, records, sweep
+from lorabench import adapters, checkpoint, extract, measure, models, quantize, records, sizing, sweep
 from lorabench.registry import UnknownNameError
 from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, resolve_precision, task_loss, train
 
@@ -61,6 +61,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "score_split": "eval",
     "device": "auto",
     "threads": 0,
+    "memory_limit_mb": 0.0,
 }
 ENGINE_HELP = {
     "model": "a named model (lorabench.models.MODELS), a Hub id or a checkpoint folder; default per task family",
@@ -79,6 +80,7 @@ ENGINE_HELP = {
     "score_split": "eval | val: what the record's scores are on (val: the validation split carved from train, for sweeps)",
     "device": "auto | cpu | cuda | cuda:N",
     "threads": "torch CPU threads (0: torch's default)",
+    "memory_limit_mb": "refuse a run whose estimated memory floor exceeds this (0: the device's memory; lorabench/sizing.py)",
     "eval_every": "steps between validation evaluations (0: none)",
     "max_steps": "optimizer steps (0: score the untrained model, the base-model reference)",
     "epochs": "passes over the training examples; when > 0 it sets max_steps (rounded up)",
@@ -90,14 +92,16 @@ ENGINE_HELP = {
                               "less activation memory for about one more forward pass of time",
     "checkpoint_every": "optimizer steps between checkpoints beside the record (seedS.ckpt.safetensors), "
                         "from which a killed run resumes (0: none)",
+    "divergence_factor": "a failed run when the median of the last 5 step losses exceeds this many times the first step's "
+                         "(floored at 1 nat); 0: fail only on a non-finite loss",
 }
 DEFAULT_MODEL = {"encoder": "minilm", "decoder": "smollm2"}
 # Left out of the config hash: a run's results do not depend on them (a checkpoint resumes across them).
-MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter", "checkpoint_every")
+MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter", "checkpoint_every", "memory_limit_mb")
 POSITIVE = ("lr", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "eval_every", "timing_warmup_steps", "bucket_batches",
                 "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens", "max_steps", "epochs",
-                "checkpoint_every")
+                "checkpoint_every", "divergence_factor", "memory_limit_mb")
 SCORE_SPLITS = ("eval", "val")
 FORGETTING_REFERENCE = "shakespeare"  # the task whose eval text measures what a decoder forgets
 PACKAGES = ("lorabench", "torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
@@ -192,9 +196,13 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
     if hparams["precision"] not in PRECISIONS:
         raise ConfigError(f"precision={hparams['precision']!r}: use one of {', '.join(PRECISIONS)}")
     try:
-        variants.make_config(variant, hparams)
+        variant_cfg = variants.make_config(variant, hparams)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"variant {variant_name}: {error}") from error
+    try:
+        sizing.check_shapes(task, variant, variant_cfg, hparams)
+    except adapters.AdapterError as error:
+        raise ConfigError(f"variant {variant_name} on model {hparams['model']}: {error}") from error
     return hparams
 
 
@@ -362,6 +370,12 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
     record["run"]["data_source"] = source
     if source == "local" and task.local_note:
         record["run"]["data_note"] = task.local_note
+    tokenizer = models.load_tokenizer(hparams["model"], hparams["model_source"])
+    encoded = {name: tasks.encode_cached(task, tokenizer, split, hparams["max_length"], hparams["truncation"], models.cache_dir() / "encoded")
+               for name, split in splits.items()}
+    longest = max((len(example["input_ids"]) for example in encoded["train"]), default=1)
+    estimate = sizing.estimate(task, variant, variant_cfg, hparams, (train_cfg.batch_size, longest))
+    sizing.guard(estimate, device, hparams["memory_limit_mb"], f"{task.name}/{variant.name}")
     model, tokenizer = load_model(task, hparams)
     if train_cfg.gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise ConfigError(f"gradient_checkpointing=true: {type(model).__name__} ({hparams['model']}) does not support it; "
@@ -373,11 +387,10 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
             forgetting_before = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
     quantize.quantize_base(model, hparams["quantize_base"])
     adapters.attach(model, variant, variant_cfg, hparams["targets"])
-    encoded = {name: tasks.encode_cached(task, tokenizer, split, hparams["max_length"], hparams["truncation"], models.cache_dir() / "encoded")
-               for name, split in splits.items()}
     if train_cfg.epochs:
         train_cfg.max_steps = math.ceil(train_cfg.epochs * len(encoded["train"]) / (train_cfg.batch_size * train_cfg.grad_accum))
-    record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None}
+    record["params"] = {**measure.parameter_counts(model), "adapter_bytes": None, "adapter_path": None,
+                        "memory_estimate": estimate.as_dict() if estimate else None}
     extractor = None
     if hparams["extract"] is not None:
         warmup = math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps)
@@ -553,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         selection = sweep.read_selection(args.selection) if args.selection else None
         record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out, selection)
     except (ConfigError, tasks.DataError, adapters.AdapterError, quantize.QuantizeError, UnknownNameError, FileNotFoundError,
-            sweep.SelectionError, checkpoint.CheckpointError) as error:
+            sweep.SelectionError, checkpoint.CheckpointError, sizing.SizingError) as error:
         print(f"lorabench.run: error: {error}", file=sys.stderr)
         return 2
     summary = f"{record['status']}: {args.task}/{args.variant} seed {args.seed}"

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorabench import records
+from lorabench import files, records
 
 VALIDATION_SPLIT = "validation"  # the record's eval split when score_split=val
 RULE = ("highest mean validation score over the sweep's seeds; a rate with a failed run (or a score that is not a number) "
@@ -108,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SelectionError, ValueError) as error:
         print(f"lorabench.sweep: error: {error}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(selection, indent=1) + "\n")
-    tmp.replace(args.out)
+    files.write_text_atomic(args.out, json.dumps(selection, indent=1) + "\n")
     table = ", ".join(f"{entry['lr']:g}: {entry['mean']}" for entry in selection["scores"])
     print(f"{selection['task']}/{selection['variant']}: lr {selection['chosen']:g} (validation {selection['metric']}: {table}) -> {args.out}")
     return 0

@@ -2,8 +2,10 @@
 
 Batches are length-bucketed (examples of similar length share a batch, then batches are
 shuffled) and padded per batch, so little compute goes to padding. The learning rate warms
-up linearly and decays linearly to zero. A non-finite loss stops training with
-``DivergedError``, which the run turns into a failed record.
+up linearly and decays linearly to zero. A diverging loss stops training with
+``DivergedError``, which the run turns into a failed record: a non-finite one, or a finite
+blow-up (``diverged``: the median of the last few step losses ``divergence_factor`` times the
+first step's, which is the untrained model's loss).
 
 ``precision=bf16`` runs forward passes (training and evaluation) under bf16 autocast while
 the weights, gradients and AdamW's moments stay float32; ``auto`` picks it on CUDA devices
@@ -48,15 +50,39 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0
+    divergence_factor: float = 10.0
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class DivergedError(RuntimeError):
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"loss is {loss} at step {step}; lower lr or raise warmup_ratio")
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"{reason} at step {step}; lower lr or raise warmup_ratio")
         self.step = step
+
+
+DIVERGENCE_WINDOW = 5  # step losses whose median is compared with the first step's
+DIVERGENCE_FLOOR = 1.0  # nats: a first loss near 0 would make any wobble look like a blow-up
+
+
+def diverged(losses: list[float], factor: float) -> str | None:
+    """Why ``losses`` (every step's, from the first) have diverged, or None. Non-finite is
+    diverged at once; a finite loss when the median of the last ``DIVERGENCE_WINDOW`` (at
+    least three) exceeds ``factor`` times the first step's, floored at ``DIVERGENCE_FLOOR``:
+    the median ignores one spike, and the first step's loss is the untrained model's, so a
+    run that is merely slow or noisy stays far below it (DeLoRA's decoder run peaks at 2.2x).
+    ``factor`` 0 checks only for non-finite losses."""
+    if not math.isfinite(losses[-1]):
+        return f"loss is {losses[-1]}"
+    window = sorted(losses[-DIVERGENCE_WINDOW:])
+    if not factor or len(window) < 3:
+        return None
+    median, limit = window[len(window) // 2], factor * max(losses[0], DIVERGENCE_FLOOR)
+    if median > limit:
+        return (f"loss diverged: the median of the last {len(window)} step losses, {median:.4g}, exceeds divergence_factor="
+                f"{factor:g} x the first step's {losses[0]:.4g} (floored at {DIVERGENCE_FLOOR:g})")
+    return None
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator, bucket_batches: int) -> list[list[int]]:
@@ -329,12 +355,14 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
     parameters = [p for _, p in trainable_parameters(model)]
     throughput = measure.Throughput(device, cfg.timing_warmup_steps)
     loss_curve, val_curve = [], []
+    step_losses: list[float] = []  # the first step's and the last DIVERGENCE_WINDOW: what ``diverged`` reads
     samples_seen = tokens_seen = 0
     resumed_from = None
     if checkpointer is not None and checkpointer.resumed is not None:
         state = checkpointer.restore(model, optimizer, schedule, throughput, extractor)
         resumed_from = state["step"]
         loss_curve, val_curve, samples_seen, tokens_seen = state["loss_curve"], state["val_curve"], state["samples"], state["tokens"]
+        step_losses = state["step_losses"]
         for _ in range(resumed_from * cfg.grad_accum):
             next(batches)  # the batch stream replayed: index lists drawn, nothing collated
         checkpointer.check_batches(generator)
@@ -360,8 +388,10 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
             step_loss += task_loss.item() / cfg.grad_accum
             step_samples += batch["input_ids"].shape[0]
             step_tokens += int(batch["attention_mask"].sum())
-        if not math.isfinite(step_loss):
-            raise DivergedError(step, step_loss)
+        step_losses = step_losses[:1] + step_losses[1:][-(DIVERGENCE_WINDOW - 1):] + [step_loss]
+        reason = diverged(step_losses, cfg.divergence_factor)
+        if reason:
+            raise DivergedError(step, reason)
         torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
         optimizer.step()
         schedule.step()
@@ -389,8 +419,10 @@ def train(model, variant, variant_cfg, task, train_examples, val_examples, cfg: 
         if checkpointer is not None and checkpointer.due(step, cfg.max_steps):
             throughput.pause()
             checkpointer.save(model, optimizer, schedule, generator, throughput, extractor, {
-                "step": step, "samples": samples_seen, "tokens": tokens_seen, "loss_curve": loss_curve, "val_curve": val_curve})
+                "step": step, "samples": samples_seen, "tokens": tokens_seen, "loss_curve": loss_curve, "val_curve": val_curve,
+                "step_losses": step_losses})
             throughput.resume()
     progress.close()
     return {"steps": cfg.max_steps, "samples": samples_seen, "tokens": tokens_seen, **throughput.summary(), "precision": cfg.precision,
-            "checkpoint_every": cfg.checkpoint_every, "resumed_from_step": resumed_from, "loss_curve": loss_curve, "val_curve": val_curve}
+            "checkpoint_every": cfg.checkpoint_every, "resumed_from_step": resumed_from,
+            "resumed_threads": checkpointer.resumed["threads"] if resumed_from is not None else None, "loss_curve": loss_curve, "val_curve": val_curve}

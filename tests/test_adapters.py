@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import variants
 from lorabench import adapters
@@ -180,7 +180,7 @@ def test_tensor_missing_from_the_file_is_rejected(saved, tmp_path):
     dropped = next(iter(state))
     del state[dropped]
     partial = tmp_path / "partial.safetensors"
-    save_file(state, partial, metadata=adapters.read_metadata(path))
+    save_file(state, partial, metadata={**adapters.read_metadata(path), adapters.CHECKSUM_KEY: adapters.tensor_checksum(state)})
     with pytest.raises(adapters.AdapterError, match=rf"{in_message(partial)}.*missing \[{re.escape(repr(dropped))}"):
         adapters.load(build_model("bert"), partial)
 
@@ -203,6 +203,71 @@ def test_bad_metadata_is_an_adapter_error(tmp_path, metadata):
     save_file({"x": torch.zeros(1)}, path, metadata={"format": "lorabench-adapter", "format_version": "1", **metadata})
     with pytest.raises(adapters.AdapterError, match=in_message(path)):
         adapters.load(build_model("bert"), path)
+
+
+# --- corrupt bytes: a checksum and a finiteness check -------------------------------------
+
+
+def header_of(path) -> tuple[int, dict]:
+    """(where the data region starts, the JSON header) of a safetensors file."""
+    data = path.read_bytes()
+    (header_size,) = struct.unpack("<Q", data[:8])
+    return 8 + header_size, json.loads(data[8 : 8 + header_size])
+
+
+def test_a_saved_adapter_carries_the_checksum_of_its_tensors_and_loads_bit_exactly(saved):
+    model, path = saved
+    assert adapters.read_metadata(path)[adapters.CHECKSUM_KEY] == adapters.tensor_checksum(load_file(path))
+    fresh = build_model("bert")
+    adapters.load(fresh, path)
+    before, after = adapters.adapter_state(model), adapters.adapter_state(fresh)
+    assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_one_flipped_byte_in_the_data_region_is_refused(saved):
+    _, path = saved
+    start, header = header_of(path)
+    name = next(key for key in sorted(header) if key.endswith("lora_B"))
+    data = bytearray(path.read_bytes())
+    data[start + header[name]["data_offsets"][0]] ^= 0x01  # the lowest mantissa byte of a float32: still finite
+    path.write_bytes(bytes(data))
+    assert torch.isfinite(load_file(path)[name]).all()
+    model = build_model("bert")
+    with pytest.raises(adapters.AdapterError, match=rf"{in_message(path)}.*sha256.*the file is corrupt; retrain or re-export it"):
+        adapters.load(model, path)
+    assert not hasattr(model, "lorabench_attachment")
+
+
+@pytest.mark.parametrize("version", ["1", "2"], ids=["old-format-without-checksum", "valid-checksum"])
+def test_a_nan_written_with_a_valid_header_is_refused(saved, tmp_path, version):
+    _, path = saved
+    state = load_file(path)
+    name = sorted(key for key in state if key.endswith("lora_A"))[1]
+    state[name][0, 0] = float("nan")
+    metadata = {key: value for key, value in adapters.read_metadata(path).items() if key != adapters.CHECKSUM_KEY}
+    metadata["format_version"] = version
+    if version == "2":
+        metadata[adapters.CHECKSUM_KEY] = adapters.tensor_checksum(state)
+    poisoned = tmp_path / "nan.safetensors"
+    save_file(state, poisoned, metadata=metadata)
+    message = rf"{in_message(poisoned)}: tensor {re.escape(name)} holds 1 NaN.*the file is corrupt; retrain or re-export it"
+    with pytest.raises(adapters.AdapterError, match=message):
+        adapters.load(build_model("bert"), poisoned)
+
+
+def test_an_adapter_of_format_version_1_still_loads_and_one_of_version_2_needs_its_checksum(saved, tmp_path):
+    model, path = saved
+    state = load_file(path)
+    metadata = {key: value for key, value in adapters.read_metadata(path).items() if key != adapters.CHECKSUM_KEY}
+    old = tmp_path / "version1.safetensors"
+    save_file(state, old, metadata={**metadata, "format_version": "1"})
+    fresh = build_model("bert")
+    adapters.load(fresh, old)
+    assert torch.equal(logits(fresh), logits(model))
+    stripped = tmp_path / "stripped.safetensors"
+    save_file(state, stripped, metadata={**metadata, "format_version": "2"})
+    with pytest.raises(adapters.AdapterError, match=rf"{in_message(stripped)}: metadata lacks {adapters.CHECKSUM_KEY}"):
+        adapters.load(build_model("bert"), stripped)
 
 
 # --- attach and targets --------------------------------------------------------------------

@@ -366,3 +366,38 @@ def test_report_shows_the_learning_rate_each_variant_got_and_what_checkpointing_
     assert "At the edge" not in rates
     checkpointing = text[text.index("## Gradient checkpointing") : text.index("## Learning rates")]
     assert "| sst2 | full [gradckpt] | 200 -> 50 (0.25x) | 1000 -> 800 (0.80x) | 1500 -> 1200 (0.80x) | 0.9000 -> 0.9000 |" in checkpointing
+
+
+def test_a_run_that_timed_no_step_shows_tokens_per_s_as_not_measured(tmp_path):
+    """tokens/s is null in a record whose run timed no step (0 in records written before that): tables and
+    the report say "n/m", ratios skip it, and the cost figure writes "not measured" where a bar would be."""
+    untimed = {"tokens_per_s": None, "samples_per_s": None, "timed_steps": 0}
+    write_run(tmp_path, "sst2", "full", 0, 0.90, trainable=FULL_PARAMS)
+    rewrite(tmp_path, "sst2", "full", 0, "gradckpt", hparams={"gradient_checkpointing": True}, train={**untimed, "activation_mb": 50.0})
+    write_run(tmp_path, "sst2", "full", 0, 0.90, trainable=FULL_PARAMS)
+    rewrite(tmp_path, "sst2", "full", 0, "default", train={"activation_mb": 200.0})
+    write_run(tmp_path, "sst2", "lora", 0, 0.85, trainable=LORA_PARAMS)
+    rewrite(tmp_path, "sst2", "lora", 0, "default", train=untimed)
+    write_run(tmp_path, "sst2", "vera", 0, 0.80, trainable=VERA_PARAMS)
+    rewrite(tmp_path, "sst2", "vera", 0, "default", train={"tokens_per_s": 0.0, "samples_per_s": 0.0, "timed_steps": 0})
+
+    long, summary = aggregate.write_tables(tmp_path)
+    by_setting = summary.set_index(["variant", "setting"])
+    assert by_setting.loc[("full", "default"), "tokens_per_s"] == 1500.0 and math.isnan(by_setting.loc[("full", "gradckpt"), "tokens_per_s"])
+    assert math.isnan(by_setting.loc[("lora", "default"), "tokens_per_s"]) and math.isnan(by_setting.loc[("vera", "default"), "samples_per_s"])
+    markdown = (tmp_path / "tables" / "summary.md").read_text()
+    lines = {tuple(line.split(" | ")[1:3]): line for line in markdown.splitlines() if line.startswith("| sst2 | ")}
+    assert lines["lora", "default"].endswith("| n/m | n/m | 180 | cpu_rss | 8 | E1 |") and "| n/m |" in lines["vera", "default"]
+    assert "| 1,500 | 110 | 180 |" in lines["full", "default"] and aggregate.NOT_MEASURED_NOTE in markdown
+
+    text = report.render(long, summary, figures=set())
+    results = text[text.index("### sst2 (dev accuracy)") :]
+    assert "| lora | 0.8500 (1) | 0.84 | 300,000 | 4 | 1,000 |  | n/m | 180 |" in results
+    assert f"_tokens/s {aggregate.NOT_MEASURED_NOTE}_" in results
+    assert "tokens/s not measured for lora, vera (no training step was timed), so not compared" in text
+    checkpointing = text[text.index("## Gradient checkpointing") :]
+    assert "| sst2 | full [gradckpt] | 200 -> 50 (0.25x) | 1000 -> 1000 (1.00x) | 1500 -> n/m | 0.9000 -> 0.9000 |" in checkpointing
+
+    memory, _, speed = plots.cost_vs_full(summary).axes
+    assert len(memory.containers) == 2 and not speed.containers  # no bar of 0 for vera's old record
+    assert [label.get_text() for label in speed.texts] == [" not measured", " not measured"]

@@ -48,6 +48,7 @@ Adding a variant: copy ``_template.py`` to ``<name>.py`` and fill it in. Nothing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from types import ModuleType
@@ -85,6 +86,14 @@ class ParamSpec:
     init: Callable[[torch.Tensor], Any]
     trainable: bool = True
     persistent: bool = True
+
+
+def autocast_off(tensor: torch.Tensor):
+    """Autocast off on ``tensor``'s device, for a computation that must stay in its own precision;
+    a no-op on the meta device, which has no autocast and where lorabench.sizing runs variants."""
+    if tensor.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def zeros(tensor: torch.Tensor) -> None:
@@ -129,4 +138,6 @@ def make_config(variant: ModuleType, values: dict[str, Any]) -> VariantConfig:
             raise ValueError(f"rank must be a positive integer, got {cfg.rank!r} (set rank=8, say)")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout!r}")
+        if not cfg.alpha > 0:
+            raise ValueError(f"alpha must be > 0 (the update is scaled by alpha / rank), got {cfg.alpha!r} (set alpha=16, say)")
     return cfg

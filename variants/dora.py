@@ -38,7 +38,7 @@ from functools import reduce
 import torch
 import torch.nn.functional as F
 
-from variants import ParamSpec, VariantConfig, lora, zeros
+from variants import ParamSpec, VariantConfig, autocast_off, lora, zeros
 
 name = "dora"
 IDENTITY_AT_INIT = True
@@ -79,7 +79,7 @@ def magnitude_scale(layer, factors):
     one read of W for r columns, W's own row norms from init(), and no d_out x d_in matrix
     built (the direct form writes W + s P and reads it again), in float32 under autocast too."""
     s = layer.lora_config.scaling
-    with torch.no_grad(), torch.autocast(layer.weight.device.type, enabled=False):
+    with torch.no_grad(), autocast_off(layer.weight):
         left, right = reduce(torch.matmul, factors[:-1]), factors[-1]
         cross = (left * (layer.weight @ right.T)).sum(1)
         own = ((left @ (right @ right.T)) * left).sum(1)
