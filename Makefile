@@ -7,10 +7,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 CONFIG ?= config/config.yaml
+TUNE ?= config/tune.yaml
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run smoke test report lint clean
+.PHONY: run smoke tune test report lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,13 @@ run: $(VENV)/.installed
 
 smoke: CONFIG = config/smoke.yaml
 smoke: run
+
+# The tuning study: every variant's learning-rate sweep on every task at the default study's
+# budgets (no final runs), then config/rates.yaml from their records, which `make run` reads.
+tune: $(VENV)/.installed
+	$(BIN)/snakemake --profile profiles/default --configfile $(TUNE) --until select_lr
+	$(BIN)/python -m lorabench.rates "$$($(BIN)/python -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["results"])' $(TUNE))" \
+		--config $(TUNE) --out config/rates.yaml
 
 # Tables, figures and both reports again from the records already there: no training job.
 report: $(VENV)/.installed

@@ -34,6 +34,9 @@ if not config:
 
 
 validate(config, "config/schema.yaml")
+# A tuned-rates file named relative to the workflow, as config files are.
+if config.get("rates"):
+    config["rates"] = os.path.join(workflow.basedir, config["rates"])
 
 RESULTS = config["results"]
 STUDY = study.expand(config)
@@ -91,6 +94,7 @@ rule train:
     params:
         sets=lambda wildcards: run_of(wildcards).cli_sets(),
         selection=lambda wildcards, input: f"--selection {input.selection}" if "selection" in input.keys() else "",
+        rates=lambda wildcards: run_of(wildcards).cli_rates(),
     # Two training jobs at a time, each with half the cores: on a 2-core CPU two one-thread
     # jobs get through the default study faster than one two-thread job (README, "Performance").
     # A profile's set-threads (train=N) overrides this.
@@ -105,7 +109,7 @@ rule train:
     shell:
         "python -m lorabench.run --task {wildcards.task} --variant {wildcards.variant}"
         " --setting {wildcards.setting} --seed {wildcards.seed} --out {output}"
-        " {params.selection} --set threads={threads} {params.sets} > {log} 2>&1"
+        " {params.selection} {params.rates} --set threads={threads} {params.sets} > {log} 2>&1"
 
 
 rule select_lr:

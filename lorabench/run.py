@@ -38,7 +38,7 @@ import yaml
 
 import tasks
 import variants
-from lorabench import adapters, checkpoint, extract, measure, models, quantize, records, sizing, sweep
+from lorabench import adapters, checkpoint, extract, measure, models, quantize, rates, records, sizing, sweep
 from lorabench.registry import UnknownNameError
 from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, resolve_precision, task_loss, train
 
@@ -559,14 +559,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="override hyper-parameters (repeatable: --set a=1 --set b=2 sets both)")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--out", help="record path (default: RESULTS/runs/TASK/VARIANT/SETTING/seedS.json)")
-    parser.add_argument("--selection", help="a sweep's selection file (python -m lorabench.sweep): its hyper-parameters win over --set")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--selection", help="a sweep's selection file (python -m lorabench.sweep): its hyper-parameters win over --set")
+    chosen.add_argument("--rates", help="a tuned-rates file (python -m lorabench.rates, config/rates.yaml): train at the task and "
+                                        "variant's tuned rate, which wins over --set")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else records.record_path(args.results, args.task, args.variant, args.setting, args.seed)
     try:
-        selection = sweep.read_selection(args.selection) if args.selection else None
+        if args.rates:
+            selection = rates.selection_for(args.rates, args.task, args.variant)
+        else:
+            selection = sweep.read_selection(args.selection) if args.selection else None
         record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out, selection)
     except (ConfigError, tasks.DataError, adapters.AdapterError, quantize.QuantizeError, UnknownNameError, FileNotFoundError,
-            sweep.SelectionError, checkpoint.CheckpointError, sizing.SizingError) as error:
+            sweep.SelectionError, checkpoint.CheckpointError, sizing.SizingError, rates.RatesError) as error:
         print(f"lorabench.run: error: {error}", file=sys.stderr)
         return 2
     summary = f"{record['status']}: {args.task}/{args.variant} seed {args.seed}"

@@ -7,7 +7,10 @@ include the run (say, extraction for ``full`` on two tasks only) < the setting's
 resolved here, when Snakemake reads the Snakefile, so a wrong key or value fails the whole
 DAG at once, naming the config entry, instead of failing one job an hour in.
 
-A study's ``lr_sweep`` adds, for each swept task x variant x setting, one sweep run per rate
+A study's ``rates`` (a tuned-rates file, ``lorabench.rates``) sets each task x variant's ``lr``
+over ``hparams.variant``, below ``where`` entries and settings; a run at its tuned rate passes
+the file to ``lorabench.run --rates``, so that its record keeps the grid and scores the rate
+was chosen on. A study's ``lr_sweep`` adds, for each swept task x variant x setting, one sweep run per rate
 of the variant's grid and sweep seed (records under ``sweeps/``, scored on the validation
 split carved from train), and makes the setting's final runs take their rate from the
 sweep's selection file (``lorabench.sweep``).
@@ -44,6 +47,7 @@ class Run:
     overrides: tuple[tuple[str, Any], ...]
     folder: str = RUNS
     selection: str | None = None  # a swept setting's final run: the setting's sweep (its selection file)
+    rates: str | None = None  # a run at its tuned rate: the rates file that holds it
 
     @property
     def key(self) -> tuple[str, str, str, str, int]:
@@ -66,6 +70,10 @@ class Run:
     def cli_sets(self) -> str:
         """``key=value`` words for ``lorabench.run --set``, each shell-quoted."""
         return " ".join(shlex.quote(f"{key}={_yaml_scalar(value)}") for key, value in self.overrides)
+
+    def cli_rates(self) -> str:
+        """``--rates FILE`` for a run at its tuned rate, else nothing."""
+        return f"--rates {shlex.quote(self.rates)}" if self.rates else ""
 
 
 @dataclass(frozen=True)
@@ -109,12 +117,30 @@ def expand(config: dict[str, Any]) -> list[Run]:
     """All runs of a study, in a stable order, each with its hyper-parameters checked; a swept
     setting's final runs name their sweep, whose runs come from :func:`expand_sweeps`."""
     _check_config_names(config)
+    rates = tuned_rates(config)
     runs = []
-    for setting, task, variant, overrides in _combinations(config):
+    for setting, task, variant, overrides in _combinations(config, rates):
         selection = selection_path(task, variant, setting) if _swept(config, setting, task, variant) else None
+        tuned = config["rates"] if selection is None and _at_tuned_rate(config, rates, setting, task, variant) else None
         for seed in config["seeds"]:
-            runs.append(Run(task, variant, setting, seed, tuple(overrides.items()), selection=selection))
+            runs.append(Run(task, variant, setting, seed, tuple(overrides.items()), selection=selection, rates=tuned))
     return runs
+
+
+def tuned_rates(config: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """task -> variant -> entry of the study's rates file; empty when it names none."""
+    from lorabench import rates
+
+    return rates.read(config["rates"]) if config.get("rates") else {}
+
+
+def _at_tuned_rate(config: dict[str, Any], rates: dict, setting: str, task: str, variant: str) -> bool:
+    """Whether the run's lr is its tuned rate: the file has one and no later layer sets lr."""
+    if variant not in rates.get(task, {}):
+        return False
+    hparams = config.get("hparams", {})
+    later = [entry["hparams"] for entry in hparams.get("where", []) if _applies(entry, task, variant)]
+    return not any("lr" in layer for layer in [*later, config["settings"][setting].get("hparams", {})])
 
 
 def selection_path(task: str, variant: str, setting: str) -> str:
@@ -187,9 +213,11 @@ def _check_config_names(config: dict[str, Any]) -> None:
             _check_names(spec.get(kind, []), kind, f"setting {setting!r}")
 
 
-def _combinations(config: dict[str, Any]):
-    """(setting, task, variant, overrides) of every run but its seed, overrides checked."""
+def _combinations(config: dict[str, Any], tuned: dict[str, dict[str, dict[str, Any]]] | None = None):
+    """(setting, task, variant, overrides) of every run but its seed, overrides checked; ``tuned``
+    (``tuned_rates``) sets lr over the variant's layer."""
     hparams = config.get("hparams", {})
+    tuned = tuned or {}
     for setting, spec in config["settings"].items():
         for task in spec.get("tasks", config["tasks"]):
             for variant in spec.get("variants", config["variants"]):
@@ -198,6 +226,7 @@ def _combinations(config: dict[str, Any]):
                     **hparams.get("all", {}),
                     **hparams.get("task", {}).get(task, {}),
                     **hparams.get("variant", {}).get(variant, {}),
+                    **({"lr": tuned[task][variant]["lr"]} if variant in tuned.get(task, {}) else {}),
                     **{key: value for entry in hparams.get("where", []) if _applies(entry, task, variant) for key, value in entry["hparams"].items()},
                     **spec.get("hparams", {}),
                 }

@@ -36,7 +36,7 @@ def test_every_config_expands():
     from snakemake.utils import validate
 
     for path in sorted((ROOT / "config").glob("*.yaml")):
-        if path.name == "schema.yaml":
+        if path.name in ("schema.yaml", "rates.yaml"):  # the study schema and the tuned rates, not studies
             continue
         config = yaml.safe_load(path.read_text())
         validate(config, str(ROOT / "config" / "schema.yaml"))

@@ -1,0 +1,141 @@
+"""Tuned learning rates: the file a study reads (``config/rates.yaml``), written from a tuning
+study's sweeps by one command, with its provenance.
+
+    python -m lorabench.rates results/tune --config config/tune.yaml --out config/rates.yaml
+
+A tuning study (``config/tune.yaml``, ``make tune``) is an ``lr_sweep`` over every task x variant
+at the default study's budgets; each sweep's selection file (``lorabench.sweep``) holds every
+rate's validation score and the chosen rate. This module gathers them into one readable file:
+per task and variant, the chosen rate, the grid with each rate's validation scores, whether the
+choice lies at an edge of the grid (where the best rate may lie outside it), the budget it was
+tuned at, and the commit of the code that ran the sweep. A study that names the file
+(``rates:``) trains each task x variant at its tuned rate, unless a setting or a ``where``
+entry sets ``lr`` itself; such a run's record carries the entry as its ``selection``, as a
+swept run's does, so the report shows grid, scores and edge for both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorabench import files, records, sweep
+
+FORMAT = "lorabench-rates/1"
+# What decides the rate's meaning: a rate tuned at other budgets or data is another rate.
+BUDGET_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum", "warmup_ratio", "max_length", "truncation", "train_size",
+               "val_size", "data_seed", "eval_every", "model")
+
+
+class RatesError(ValueError):
+    """A rates file that cannot be read or used; the message names the file, the field and the fix."""
+
+
+def edge(selection: dict[str, Any]) -> str | None:
+    """``low`` or ``high`` when the chosen rate is the grid's smallest or largest, else None."""
+    grid = sorted(selection["grid"])
+    if selection["chosen"] == grid[0]:
+        return "low"
+    if selection["chosen"] == grid[-1]:
+        return "high"
+    return None
+
+
+def entry(selection: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """A rates-file entry: the sweep's selection, with the budget and code that produced it."""
+    hparams = record["run"]["hparams"]
+    return {
+        "lr": selection["chosen"],
+        "at_edge": edge(selection),
+        **{key: value for key, value in selection.items() if key != "sources"},
+        "budget": {key: hparams[key] for key in BUDGET_KEYS if key in hparams},
+        "commit": record["meta"].get("git_commit"),
+        "dirty": record["meta"].get("git_dirty"),
+    }
+
+
+def collect(results: str | Path, config: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """task -> variant -> entry, for every sweep of ``config`` whose selection file exists under
+    ``results`` (a tuning study may be run a task at a time)."""
+    from lorabench import study  # here: study imports run, which imports this module
+
+    results = Path(results)
+    rates: dict[str, dict[str, dict[str, Any]]] = {}
+    for swept in study.expand_sweeps(config):
+        path = results / swept.selection
+        if not path.is_file():
+            continue
+        selection = sweep.read_selection(path)
+        source = next((Path(record) for record in swept.records(str(results)) if Path(record).is_file()), None)
+        if source is None:
+            raise RatesError(f"{path}: none of its sweep's records is there to tell the budget and commit; rerun the sweep")
+        rates.setdefault(swept.task, {})[swept.variant] = entry(selection, records.read(source))
+    return rates
+
+
+def render(rates: dict[str, dict[str, dict[str, Any]]], config_path: str, results: str) -> str:
+    """The file's text: a header saying how to regenerate it, then one YAML document."""
+    header = (f"# Tuned learning rates: written by `python -m lorabench.rates {results} --config {config_path}` (make tune)\n"
+              "# from the tuning study's sweep records; regenerate it rather than edit it. Per task and variant: the\n"
+              "# chosen rate (lr), every rate's validation scores (scores), at_edge (low/high: the best rate may lie\n"
+              "# outside the grid), the budget it was tuned at and the commit that ran the sweep.\n")
+    document = {"format": FORMAT, "config": config_path, "rule": sweep.RULE, "rates": rates}
+    return header + yaml.safe_dump(document, sort_keys=False, width=120)
+
+
+def read(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """task -> variant -> entry from a rates file, checked enough to use it."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError as error:
+        raise RatesError(f"{path}: no such rates file; run `make tune`, or drop 'rates' from the study config") from error
+    except yaml.YAMLError as error:
+        raise RatesError(f"{path}: not valid YAML ({error}); regenerate it with `python -m lorabench.rates`") from error
+    if not isinstance(document, dict) or document.get("format") != FORMAT or not isinstance(document.get("rates"), dict):
+        raise RatesError(f"{path}: field 'format' is not {FORMAT!r} or 'rates' is missing; regenerate it with `python -m lorabench.rates`")
+    for task, by_variant in document["rates"].items():
+        for variant, found in by_variant.items():
+            if not isinstance(found, dict) or not isinstance(found.get("lr"), (int, float)) or found.get("task") != task \
+                    or found.get("variant") != variant:
+                raise RatesError(f"{path}: rates.{task}.{variant} lacks a numeric 'lr' or names another task or variant; "
+                                 "regenerate it with `python -m lorabench.rates`")
+    return document["rates"]
+
+
+def selection_for(path: str | Path, task: str, variant: str) -> dict[str, Any]:
+    """The entry of ``task``/``variant`` as a run's ``selection`` (``lorabench.run --rates``)."""
+    found = read(path).get(task, {}).get(variant)
+    if found is None:
+        raise RatesError(f"{path}: no tuned rate for {task}/{variant}; run its sweep (make tune) or train it without --rates")
+    return {**found, "source": str(path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lorabench.rates", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="the tuning study's results folder (its sweeps/ selections and records)")
+    parser.add_argument("--config", default="config/tune.yaml", help="the tuning study's config (default: config/tune.yaml)")
+    parser.add_argument("--out", default="config/rates.yaml", type=Path, help="the rates file to write (default: config/rates.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        rates = collect(args.results, yaml.safe_load(Path(args.config).read_text()))
+    except (RatesError, sweep.SelectionError, ValueError) as error:  # a ConfigError is a ValueError
+        print(f"lorabench.rates: error: {error}", file=sys.stderr)
+        return 2
+    if not rates:
+        print(f"lorabench.rates: error: no selection file under {args.results}; run the tuning study first (make tune)", file=sys.stderr)
+        return 2
+    files.write_text_atomic(args.out, render(rates, args.config, args.results))
+    for task, by_variant in rates.items():
+        flagged = [f"{variant} ({found['at_edge']})" for variant, found in by_variant.items() if found["at_edge"]]
+        print(f"{task}: {len(by_variant)} rates" + (f"; at the edge of the grid: {', '.join(flagged)}" if flagged else ""))
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
