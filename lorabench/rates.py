@@ -45,16 +45,17 @@ def edge(selection: dict[str, Any]) -> str | None:
     return None
 
 
-def entry(selection: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-    """A rates-file entry: the sweep's selection, with the budget and code that produced it."""
-    hparams = record["run"]["hparams"]
+def entry(selection: dict[str, Any], sweep_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A rates-file entry: the sweep's selection, with the budget it ran at and the commits of
+    the code that ran it (``+dirty``: with uncommitted changes)."""
+    hparams = sweep_records[0]["run"]["hparams"]
+    commits = {f"{meta.get('git_commit')}{'+dirty' if meta.get('git_dirty') else ''}" for meta in (r["meta"] for r in sweep_records)}
     return {
         "lr": selection["chosen"],
         "at_edge": edge(selection),
         **{key: value for key, value in selection.items() if key != "sources"},
         "budget": {key: hparams[key] for key in BUDGET_KEYS if key in hparams},
-        "commit": record["meta"].get("git_commit"),
-        "dirty": record["meta"].get("git_dirty"),
+        "commits": sorted(commits),
     }
 
 
@@ -70,10 +71,10 @@ def collect(results: str | Path, config: dict[str, Any]) -> dict[str, dict[str, 
         if not path.is_file():
             continue
         selection = sweep.read_selection(path)
-        source = next((Path(record) for record in swept.records(str(results)) if Path(record).is_file()), None)
-        if source is None:
+        found = [records.read(record) for record in swept.records(str(results)) if Path(record).is_file()]
+        if not found:
             raise RatesError(f"{path}: none of its sweep's records is there to tell the budget and commit; rerun the sweep")
-        rates.setdefault(swept.task, {})[swept.variant] = entry(selection, records.read(source))
+        rates.setdefault(swept.task, {})[swept.variant] = entry(selection, found)
     return rates
 
 
@@ -82,7 +83,7 @@ def render(rates: dict[str, dict[str, dict[str, Any]]], config_path: str, result
     header = (f"# Tuned learning rates: written by `python -m lorabench.rates {results} --config {config_path}` (make tune)\n"
               "# from the tuning study's sweep records; regenerate it rather than edit it. Per task and variant: the\n"
               "# chosen rate (lr), every rate's validation scores (scores), at_edge (low/high: the best rate may lie\n"
-              "# outside the grid), the budget it was tuned at and the commit that ran the sweep.\n")
+              "# outside the grid), the budget it was tuned at and the commits of the code that ran the sweep.\n")
     document = {"format": FORMAT, "config": config_path, "rule": sweep.RULE, "rates": rates}
     return header + yaml.safe_dump(document, sort_keys=False, width=120)
 

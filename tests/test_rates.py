@@ -72,7 +72,7 @@ def test_the_rates_file_is_written_from_the_sweeps_and_written_again_the_same(tm
     lora, lora_fa = found["sst2"]["lora"], found["sst2"]["lora_fa"]
     assert lora["lr"] == 1e-3 and lora["at_edge"] is None and lora_fa["lr"] == 1e-2 and lora_fa["at_edge"] == "high"
     assert [entry["mean"] for entry in lora["scores"]] == [0.70, 0.86, 0.51] and lora["grid"] == [1e-4, 1e-3, 1e-2]
-    assert lora["budget"]["max_steps"] == 20 and lora["budget"]["val_size"] == 50 and lora["commit"] == "abc1234"
+    assert lora["budget"]["max_steps"] == 20 and lora["budget"]["val_size"] == 50 and lora["commits"] == ["abc1234"]
     assert lora["metric"] == "accuracy" and lora["split"] == sweep.VALIDATION_SPLIT
     out.unlink()
     assert rates.main([tune["results"], "--config", str(tune_path), "--out", str(out)]) == 0
