@@ -152,23 +152,25 @@ def load_tokenizer(name: str, source: str = "auto"):
     return tokenizer
 
 
-def load_classifier(name: str, num_labels: int, source: str = "auto", dtype: torch.dtype = torch.float32):
-    """A sequence-classification model (new head, seeded by the caller) and its tokenizer."""
-    return _load(AutoModelForSequenceClassification, name, source, dtype, num_labels=num_labels)
+def load_classifier(name: str, num_labels: int, source: str = "auto", dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A sequence-classification model (new head, seeded by the caller) and its tokenizer
+    (``tokenizer``, when the caller has loaded it already)."""
+    return _load(AutoModelForSequenceClassification, name, source, dtype, tokenizer, num_labels=num_labels)
 
 
-def load_causal_lm(name: str, source: str = "auto", dtype: torch.dtype = torch.float32):
-    """A causal language model with its pretrained LM head, and its tokenizer."""
-    return _load(AutoModelForCausalLM, name, source, dtype)
+def load_causal_lm(name: str, source: str = "auto", dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A causal language model with its pretrained LM head, and its tokenizer (``tokenizer``,
+    when the caller has loaded it already)."""
+    return _load(AutoModelForCausalLM, name, source, dtype, tokenizer)
 
 
-def _load(model_class, name: str, source: str, dtype: torch.dtype, **kwargs):
+def _load(model_class, name: str, source: str, dtype: torch.dtype, tokenizer=None, **kwargs):
     where = locate(name, source)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = load_tokenizer(name, source)
+        tokenizer = tokenizer or load_tokenizer(name, source)
         model = model_class.from_pretrained(where, dtype=dtype, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -376,7 +376,7 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
     longest = max((len(example["input_ids"]) for example in encoded["train"]), default=1)
     estimate = sizing.estimate(task, variant, variant_cfg, hparams, (train_cfg.batch_size, longest))
     sizing.guard(estimate, device, hparams["memory_limit_mb"], f"{task.name}/{variant.name}")
-    model, tokenizer = load_model(task, hparams)
+    model, tokenizer = load_model(task, hparams, tokenizer)
     if train_cfg.gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise ConfigError(f"gradient_checkpointing=true: {type(model).__name__} ({hparams['model']}) does not support it; "
                           "set gradient_checkpointing=false")
@@ -442,11 +442,12 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
         record["params"]["adapter_bytes"] = measure.file_bytes(adapter_path)
 
 
-def load_model(task: tasks.Task, hparams: dict[str, Any]):
-    """The run's pretrained model and tokenizer: a causal LM for decoder tasks, else a classifier."""
+def load_model(task: tasks.Task, hparams: dict[str, Any], tokenizer=None):
+    """The run's pretrained model and tokenizer (``tokenizer`` when loaded already): a causal LM
+    for decoder tasks, else a classifier."""
     if task.causal:
-        return models.load_causal_lm(hparams["model"], hparams["model_source"])
-    return models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"])
+        return models.load_causal_lm(hparams["model"], hparams["model_source"], tokenizer=tokenizer)
+    return models.load_classifier(hparams["model"], task.num_labels, hparams["model_source"], tokenizer=tokenizer)
 
 
 def score(model, tokenizer, task: tasks.Task, rows, examples: list[dict], batch_size: int, device: torch.device) -> dict[str, float]:

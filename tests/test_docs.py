@@ -22,3 +22,14 @@ def test_write_fills_the_markers(tmp_path):
     assert docs.readme_table(readme) == docs.table()
     assert not docs.write_readme(readme)
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
+
+
+def test_every_local_link_of_readme_and_docs_resolves():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.relative_to(root)}: link {target} leads nowhere"
