@@ -11,7 +11,7 @@ TUNE ?= config/tune.yaml
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run smoke tune test report lint clean
+.PHONY: run smoke costs tune test report lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ run: $(VENV)/.installed
 
 smoke: CONFIG = config/smoke.yaml
 smoke: run
+
+# What gradient checkpointing and other extraction intervals cost (results/costs/report.md).
+costs: CONFIG = config/costs.yaml
+costs: run
 
 # The tuning study: every variant's learning-rate sweep on every task at the default study's
 # budgets (no final runs), then config/rates.yaml from their records, which `make run` reads.

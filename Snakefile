@@ -46,8 +46,8 @@ SWEEPS = {sweep.key: sweep for sweep in study.expand_sweeps(config)}
 RUNS = {run.key: run for run in STUDY + [run for sweep in SWEEPS.values() for run in sweep.runs]}
 ROOT = workflow.basedir
 ENV = f"{ROOT}/workflow/envs/lorabench.yaml"
-ANALYSIS = [f"{ROOT}/analysis/__init__.py", f"{ROOT}/analysis/aggregate.py", f"{ROOT}/analysis/extraction.py"]
-SUMMARIES = [f"{RESULTS}/tables/{name}.{ext}" for name in ("summary", "leaderboard", "glue", "lr_selection") for ext in ("md", "tex")]
+ANALYSIS = [f"{ROOT}/analysis/{name}.py" for name in ("__init__", "aggregate", "extraction", "significance")]
+SUMMARIES = [f"{RESULTS}/tables/{name}.{ext}" for name in ("summary", "leaderboard", "glue", "lr_selection", "significance") for ext in ("md", "tex")]
 EXTRACTION_TABLES = [
     f"{RESULTS}/tables/{name}.csv" for name in ("extraction_layers", "extraction_spectrum", "extraction_scores", "extraction_overhead")
 ]
@@ -138,6 +138,7 @@ rule aggregate:
         summary=f"{RESULTS}/tables/summary.csv",
         glue=f"{RESULTS}/tables/glue.csv",
         lr_selection=f"{RESULTS}/tables/lr_selection.csv",
+        significance=f"{RESULTS}/tables/significance.csv",
         renderings=SUMMARIES,
         extraction=EXTRACTION_TABLES,
     log:
@@ -167,6 +168,12 @@ rule plots:
             category="Costs",
         ),
         ratio_pdf=f"{RESULTS}/figures/cost_vs_full.pdf",
+        seeds_png=report(
+            f"{RESULTS}/figures/seed_scores.png",
+            caption="analysis/report/seed_scores.rst",
+            category="Scores",
+        ),
+        seeds_pdf=f"{RESULTS}/figures/seed_scores.pdf",
         rank_png=report(
             f"{RESULTS}/figures/rank_vs_variance.png",
             caption="analysis/report/rank_vs_variance.rst",

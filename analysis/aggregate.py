@@ -5,8 +5,8 @@ can be rebuilt anywhere from ``results/runs`` without retraining.
 
 ``python -m analysis.aggregate RESULTS_DIR`` writes into ``RESULTS_DIR/tables``:
 ``runs.parquet`` and ``runs.csv`` (the tidy long form), then ``summary``, ``leaderboard``,
-``glue`` and ``lr_selection`` (each as .csv, .md and .tex), then the extraction tables, each
-written atomically. Markdown shows a throughput that no training step timed as ``n/m``.
+``glue``, ``lr_selection`` and ``significance`` (each as .csv, .md and .tex), then the
+extraction tables, each written atomically. Markdown shows a throughput that no training step timed as ``n/m``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis import extraction
+from analysis import extraction, significance
 from lorabench import files, records
 
 RUN_KEY = ["task", "variant", "setting", "seed"]
@@ -87,12 +87,14 @@ NOT_MEASURED_NOTE = f"{NOT_MEASURED}: not measured (no training step was timed: 
 COST_COLUMNS = ["trainable", "total", "adapter_mb", "peak_memory_mb", "activation_mb", "tokens_per_s", "samples_per_s", "wall_s"]
 SUMMARY_COLUMNS = [
     *GROUP_KEY, "primary_metric", "eval_split", "n_seeds", "n_failed",
-    "score_mean", "score_std", "score_ci95_t", *COST_COLUMNS, "peak_memory_kind", "rank", "environments",
+    "score_mean", "score_std", "score_ci95_t", *COST_COLUMNS, "peak_memory_kind", "rank", "lr", "environments",
 ]  # fmt: skip
 LEADERBOARD_COLUMNS = [
-    "task", "place", "variant", "setting", "primary_metric", "score_mean", "score_ci95_t", "n_seeds",
-    "trainable", "pct_of_full_score", "pct_of_full_params", "pareto",
+    "task", "place", "variant", "setting", "primary_metric", "score_mean", "score_ci95_t", "n_seeds", "lr",
+    "trainable", "pct_of_full_score", "pct_of_full_params", "pareto", "vs_lora", "vs_full", "above_floors",
 ]  # fmt: skip
+# The leaderboard's significance columns: the verdict against each reference of ``significance``.
+VERDICT_COLUMNS = {"vs_lora": "lora", "vs_full": "full"}
 LR_SELECTION_COLUMNS = ["task", "variant", "setting", "lr", "metric", "split", "mean", "seeds", "failed", "chosen"]
 CI_LEVEL = 0.95
 
@@ -194,6 +196,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
             "score_ci95_t": half_width,
             "peak_memory_kind": ", ".join(sorted(ok["peak_memory_kind"].dropna().unique())) or None,
             "rank": _first_number(group["hp_rank"]) if "hp_rank" in group else math.nan,  # the adapter's (none for full)
+            "lr": _first_number(group["hp_lr"]) if "hp_lr" in group else math.nan,
             "environments": "+".join(sorted(group.get("environment", pd.Series(dtype=object)).dropna().unique(), key=lambda name: int(name[1:]))),
         }
         row.update({column: ok[column].astype("float64").mean() for column in COST_COLUMNS})
@@ -250,10 +253,12 @@ def pareto_front(points: pd.DataFrame, lower_is_better: bool = False) -> pd.Seri
     return pd.Series(front, index=points.index, dtype=bool)
 
 
-def leaderboard(summary: pd.DataFrame) -> pd.DataFrame:
+def leaderboard(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per task, every trained variant x setting ranked by mean score (best first), with its
     share of full fine-tuning's score and parameters and whether it is on the Pareto front of
-    score vs trainable parameters. The untrained base model is left out: it is a reference."""
+    score vs trainable parameters. The untrained base model is left out: it is a reference.
+    With the ``significance`` table: the verdict against LoRA and full fine-tuning, and whether
+    the score is significantly above every floor (majority class, untrained model) it has."""
     parts = []
     for task, rows in summary[summary["setting"] != BASE_SETTING].groupby("task", sort=True):
         rows = rows.dropna(subset=["score_mean"])
@@ -268,7 +273,25 @@ def leaderboard(summary: pd.DataFrame) -> pd.DataFrame:
         rows["pareto"] = pareto_front(rows, lower)
         parts.append(rows)
     board = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+    if tests is not None and len(board):
+        board = board.drop(columns=[*VERDICT_COLUMNS, "above_floors"], errors="ignore").merge(verdicts(tests), on=GROUP_KEY, how="left")
     return board.reindex(columns=LEADERBOARD_COLUMNS).reset_index(drop=True)
+
+
+def verdicts(tests: pd.DataFrame) -> pd.DataFrame:
+    """Per task x variant x setting: the verdict against LoRA and full, and ``above_floors``:
+    True when significantly above every floor tested, False when not above one, None untested."""
+    rows = []
+    for key, group in tests.groupby(GROUP_KEY, sort=False):
+        row = dict(zip(GROUP_KEY, key))
+        for column, reference in VERDICT_COLUMNS.items():
+            found = group.loc[group["reference"] == reference, "verdict"]
+            row[column] = found.iloc[0] if len(found) else None
+        floors = group[group["reference"].isin([significance.MAJORITY, significance.UNTRAINED])]
+        tested = floors["significant"].dropna()
+        row["above_floors"] = None if tested.empty else bool(tested.astype(bool).all())
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*GROUP_KEY, *VERDICT_COLUMNS, "above_floors"])
 
 
 def percent_of_full(scores: pd.Series, reference: pd.Series | None, lower: bool) -> pd.Series:
@@ -356,7 +379,9 @@ def write_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataF
     with files.atomic_path(tables / "runs.parquet") as temporary:
         long.to_parquet(temporary, index=False)
     write_csv(long, tables / "runs.csv")
-    tables_by_name = {"summary": summary, "leaderboard": leaderboard(summary), "glue": glue_average(summary), "lr_selection": lr_selections(long)}
+    tests = significance.table(results_dir, BASE_SETTING, DEFAULT_SETTING)
+    tables_by_name = {"summary": summary, "leaderboard": leaderboard(summary, tests), "glue": glue_average(summary),
+                      "lr_selection": lr_selections(long), "significance": tests}
     for name, table in tables_by_name.items():
         write_csv(table, tables / f"{name}.csv")
         files.write_text_atomic(tables / f"{name}.md", markdown_file(table))

@@ -21,7 +21,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from analysis import extraction
+from analysis import extraction, significance
 from analysis.aggregate import (
     BASE_SETTING,
     DEFAULT_SETTING,
@@ -29,6 +29,7 @@ from analysis.aggregate import (
     VARIANT_ORDER,
     full_reference,
     pareto_front,
+    runs_from_tidy,
     score_label,
     task_lower_is_better,
     variant_order,
@@ -169,13 +170,64 @@ def save(figure: Figure, out_stem: str | os.PathLike) -> list[Path]:
     return [png, pdf]
 
 
+def seed_scores(runs: pd.DataFrame, summary: pd.DataFrame, tests: pd.DataFrame | None = None,
+                out_stem: str | os.PathLike | None = None) -> Figure:
+    """Each successful seed's score as a point beside its variant's mean and 95% CI (default
+    setting, best first), one panel per task; the majority class and the untrained model, the
+    floors of ``analysis.significance``, as grey lines."""
+    runs = runs[(runs["status"] == "ok") & (runs["setting"] == DEFAULT_SETTING)].dropna(subset=["primary_value"])
+    means = summary[summary["setting"] == DEFAULT_SETTING].dropna(subset=["score_mean"])
+    tasks = sorted(means["task"].unique())
+    ncols = max(1, min(len(tasks), 3))
+    nrows = max(1, math.ceil(len(tasks) / ncols))
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        figure = Figure(figsize=(max(4.8 * ncols, 6.4), 3.8 * nrows), layout="constrained")
+        axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax, task in zip(axes, tasks or ["no runs yet"]):
+            rows = means[means["task"] == task].sort_values("score_mean", ascending=task_lower_is_better(means[means["task"] == task]))
+            for x, row in enumerate(rows.itertuples(index=False)):
+                color, marker = variant_style(row.variant)
+                seeds = runs[(runs["task"] == task) & (runs["variant"] == row.variant)]["primary_value"].to_numpy()
+                offsets = [0.0] if len(seeds) == 1 else [-0.18 + 0.36 * i / (len(seeds) - 1) for i in range(len(seeds))]
+                ax.scatter([x + offset for offset in offsets], seeds, color=color, marker=marker, s=14, alpha=0.6, linewidths=0)
+                error = row.score_ci95_t if row.n_seeds > 1 and pd.notna(row.score_ci95_t) else None
+                ax.errorbar([x + 0.3], [row.score_mean], yerr=error, color=color, marker="_", markersize=10, capsize=3, linestyle="none")
+            for name, style in ((significance.MAJORITY, ":"), (significance.UNTRAINED, "--")):
+                floor = _floor(tests, task, name)
+                if floor is not None:
+                    ax.axhline(floor, color="grey", linestyle=style, linewidth=1, label=name)
+            ax.set_xticks(range(len(rows)), list(rows["variant"]), rotation=60, ha="right")
+            ax.set_title(task)
+            ax.set_ylabel(score_label(rows) if len(rows) else "score")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="lower left", fontsize="small", frameon=True)
+        for ax in axes[len(tasks or [None]):]:
+            ax.set_visible(False)
+        figure.suptitle("Each seed (points), mean and 95% CI (bar)")
+    if out_stem is not None:
+        save(figure, out_stem)
+    return figure
+
+
+def _floor(tests: pd.DataFrame | None, task: str, reference: str) -> float | None:
+    if tests is None or tests.empty:
+        return None
+    found = tests.loc[(tests["task"] == task) & (tests["reference"] == reference), "reference_score"].dropna()
+    return float(found.iloc[0]) if len(found) else None
+
+
 def write_figures(results_dir: str | os.PathLike, summary: pd.DataFrame | None = None) -> list[Path]:
-    """Every figure under ``results_dir/figures``, from ``summary`` (else ``tables/summary.csv``)
-    and the extraction tables under ``tables/``."""
+    """Every figure under ``results_dir/figures``, from ``summary`` (else ``tables/summary.csv``),
+    the run and significance tables and the extraction tables under ``tables/``."""
+    tables = Path(results_dir, "tables")
     if summary is None:
-        summary = pd.read_csv(Path(results_dir, "tables", "summary.csv"))
+        summary = pd.read_csv(tables / "summary.csv")
+    runs = runs_from_tidy(pd.read_parquet(tables / "runs.parquet")) if (tables / "runs.parquet").exists() else None
+    tests = pd.read_csv(tables / "significance.csv") if (tables / "significance.csv").exists() else None
     paths = save(score_vs_params(summary), Path(results_dir, "figures", "score_vs_params"))
     paths += save(cost_vs_full(summary), Path(results_dir, "figures", "cost_vs_full"))
+    if runs is not None:
+        paths += save(seed_scores(runs, summary, tests), Path(results_dir, "figures", "seed_scores"))
     return paths + extraction.write_figures(results_dir, extraction.read_tables(results_dir), summary)
 
 

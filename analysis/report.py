@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import extraction
+from analysis import extraction, significance
 from analysis.aggregate import (
     BASE_SETTING,
     DEFAULT_SETTING,
@@ -47,6 +47,9 @@ from lorabench import files
 
 FIGURE = "figures/score_vs_params.png"
 COST_FIGURE = "figures/cost_vs_full.png"
+SEED_FIGURE = "figures/seed_scores.png"
+# Beside a score not significantly above the majority class or the untrained model.
+AT_FLOOR = "†"
 MACHINE_NAMES = {"device", "host", "threads"}
 SOFTWARE_NAMES = {"python", "torch", "transformers"}
 # Below this share of the way from the untrained model to full fine-tuning, a variant is said
@@ -63,8 +66,10 @@ def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
     else:
         long, summary = read_tables(results)
     found = extraction.read_tables(results)
-    figures = {name for name in (FIGURE, COST_FIGURE) if (results / name).exists()}
-    return files.write_text_atomic(results / "report.md", render(long, summary, figures=figures, extracted=found))
+    figures = {name for name in (FIGURE, COST_FIGURE, SEED_FIGURE) if (results / name).exists()}
+    tests_path = results / "tables" / "significance.csv"
+    tests = pd.read_csv(tests_path) if tests_path.exists() else None
+    return files.write_text_atomic(results / "report.md", render(long, summary, figures=figures, extracted=found, tests=tests))
 
 
 def read_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -81,19 +86,22 @@ def read_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFr
 def render(
     table: pd.DataFrame,
     summary: pd.DataFrame,
-    figures: set[str] | frozenset[str] = frozenset({FIGURE, COST_FIGURE}),
+    figures: set[str] | frozenset[str] = frozenset({FIGURE, COST_FIGURE, SEED_FIGURE}),
     extracted: dict[str, pd.DataFrame] | None = None,
+    tests: pd.DataFrame | None = None,
 ) -> str:
     """The report's Markdown, from the tidy table (or run-level rows), the summary table, the
-    figures that exist (paths relative to the results folder) and the extraction tables
-    (``analysis.extraction``; that section is left out when there are none)."""
+    figures that exist (paths relative to the results folder), the extraction tables
+    (``analysis.extraction``; that section is left out when there are none) and the
+    significance tests (``analysis.significance``; without them, no verdicts are shown)."""
     runs = runs_from_tidy(table)
     if runs.empty:
         return "\n\n".join(["# lorabench report", "No run records under `runs/` yet.", "## Failed runs\n\nnone"]) + "\n"
     sections = [
         header(runs),
         environment(runs),
-        leaderboards(summary),
+        leaderboards(summary, tests),
+        seed_figure(SEED_FIGURE in figures, tests),
         glue_section(summary),
         score_figure(FIGURE in figures),
         findings(summary),
@@ -166,33 +174,61 @@ def environment(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def leaderboards(summary: pd.DataFrame) -> str:
-    """Per task, the trained variants best first, against full fine-tuning."""
-    board = leaderboard(summary)
+def leaderboards(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> str:
+    """Per task, the trained variants best first, against full fine-tuning, LoRA and the floors."""
+    board = leaderboard(summary, tests)
     if board.empty:
         return ""
     parts = [
         "## Leaderboard",
-        "Mean score over seeds, best first (95% CI: Student t half-width, blank with one seed); "
+        "Mean score over seeds, best first (95% CI: Student t half-width, blank with one seed); lr: the rate it trained at; "
         "% of full: of full fine-tuning's score (full / score when smaller is better, so above 100 always beats full) "
         "and of its trainable parameters; Pareto: no other run is at least as good in score and in trainable "
         "parameters and better in one.",
     ]
+    if tests is not None:
+        parts.append(significance_legend(tests))
     for task, rows in board.groupby("task", sort=True):
         scale = _scale(summary.loc[summary["task"] == task, "score_mean"])
-        table = pd.DataFrame({
+        columns = {
             "#": rows["place"].to_numpy(),
             "variant": [variant_label(v, s) for v, s in zip(rows["variant"], rows["setting"])],
-            metric_name(rows["primary_metric"].iloc[0]): [score_text(value, scale) for value in rows["score_mean"]],
+            metric_name(rows["primary_metric"].iloc[0]): [score_text(value, scale) + (f" {AT_FLOOR}" if above is False else "")
+                                                          for value, above in zip(rows["score_mean"], rows["above_floors"])],
             "95% CI ±": [score_text(value, scale) for value in rows["score_ci95_t"]],
             "seeds": rows["n_seeds"].to_numpy(),
+            "lr": [f"{value:.3g}" if pd.notna(value) else "" for value in rows["lr"]],
             "trainable params": rows["trainable"].round().astype("Int64").to_numpy(),
             "% of full score": rows["pct_of_full_score"].round(1).to_numpy(),
             "% of full params": rows["pct_of_full_params"].to_numpy(),
             "Pareto": ["yes" if on_front else "" for on_front in rows["pareto"]],
-        })
-        parts.append(f"### {task}\n\n{markdown_table(table)}")
+        }
+        if tests is not None:
+            columns["vs LoRA"] = [value if isinstance(value, str) else "" for value in rows["vs_lora"]]
+            columns["vs full"] = [value if isinstance(value, str) else "" for value in rows["vs_full"]]
+        parts.append(f"### {task}\n\n{markdown_table(pd.DataFrame(columns))}")
     return "\n\n".join(parts)
+
+
+def significance_legend(tests: pd.DataFrame) -> str:
+    """How the leaderboard's verdicts were reached, and which comparisons could not be tested."""
+    untested = sorted(name for name in tests["test"].dropna().unique() if name.startswith("none"))
+    text = (f"vs LoRA, vs full: better, worse, or n.s. (not significant at {significance.ALPHA:g}, two-sided): Welch's t-test "
+            f"over seeds where both sides have {significance.MIN_SEEDS_FOR_T} or more, else a paired bootstrap over the "
+            f"evaluation examples ({significance.RESAMPLES} resamples), which sees the test set's noise but not the seeds'. "
+            f"{AT_FLOOR}: not significantly above the majority class or the untrained model (one-sided, the same tests; "
+            "against the majority class a one-sample t-test over seeds): that score is no evidence that the method learnt "
+            "the task. Every test and p-value: `tables/significance.csv`.")
+    if untested:
+        text += " Untested: " + "; ".join(name.removeprefix("none: ") for name in untested) + "."
+    return text
+
+
+def seed_figure(exists: bool, tests: pd.DataFrame | None) -> str:
+    """Each seed's score beside the mean, with the floors as lines."""
+    if tests is None and not exists:
+        return ""
+    return _figure("## Every seed", "Each seed's score beside the mean and its 95% CI", SEED_FIGURE, exists)
 
 
 def glue_section(summary: pd.DataFrame) -> str:

@@ -25,7 +25,11 @@ Layout (``SCHEMA_VERSION`` 1)::
                      memory then span both processes), resumed_threads (the CPU threads
                      of the process that wrote that checkpoint),
                      loss_curve[[step, loss]], val_curve[[step, value]]}
-    eval            {split, n, metrics{name: value}, primary, primary_value}
+    eval            {split, n, metrics{name: value}, primary, primary_value,
+                     examples (the reported split only, optional): per example, in the
+                     split's order, what the analysis bootstraps significance from:
+                     prediction, label (and group) for classifiers; bleu_stats
+                     [hyp_len, ref_len, 4 n-gram matches, 4 n-gram totals] for E2E}
     extraction      null | {...}   (parasitic extraction, full fine-tuning only)
     meta            {lorabench_version, python, platform, hostname, device, threads,
                      packages{name: version}, git_commit, git_dirty, started_at, finished_at}

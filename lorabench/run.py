@@ -40,7 +40,7 @@ import tasks
 import variants
 from lorabench import adapters, checkpoint, extract, measure, models, quantize, rates, records, sizing, sweep
 from lorabench.registry import UnknownNameError
-from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, resolve_precision, task_loss, train
+from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, predict, resolve_precision, task_loss, train
 
 ENGINE_DEFAULTS: dict[str, Any] = {
     "model": None,
@@ -409,7 +409,7 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
         if hparams["score_split"] == "val":
             metrics = evaluate(model, encoded["val"], task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)
         else:
-            metrics = score(model, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+            metrics, per_example = score_examples(model, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
         if reference:
             after = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
     if reference:
@@ -428,6 +428,8 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
     else:
         record["eval"] = {"split": task.eval_split_name, "n": len(encoded["eval"]), "metrics": metrics,
                           "primary": task.primary, "primary_value": metrics[task.primary]}
+        if per_example:
+            record["eval"]["examples"] = per_example
     if task.sample_by and hparams["score_split"] == "eval":
         record["eval"]["inputs"] = len(set(tasks.column(splits["eval"], task.sample_by)))
     if reference:
@@ -452,10 +454,28 @@ def load_model(task: tasks.Task, hparams: dict[str, Any], tokenizer=None):
 
 def score(model, tokenizer, task: tasks.Task, rows, examples: list[dict], batch_size: int, device: torch.device) -> dict[str, float]:
     """Every metric of the task on its eval split (decoders: perplexity, plus generation metrics)."""
-    metrics = evaluate(model, examples, task, tokenizer.pad_token_id, batch_size, device)
+    return score_examples(model, tokenizer, task, rows, examples, batch_size, device)[0]
+
+
+def score_examples(model, tokenizer, task: tasks.Task, rows, examples: list[dict], batch_size: int,
+                   device: torch.device) -> tuple[dict[str, float], dict[str, list]]:
+    """:func:`score`, and what each example contributed, the record's ``eval.examples``, from
+    which the analysis bootstraps significance over the evaluation examples: predictions and
+    labels (and groups) of a classifier, the per-example statistics a generation task returns
+    (E2E: BLEU's n-gram counts), nothing for perplexity alone."""
+    if task.causal:
+        metrics, per_example = evaluate(model, examples, task, tokenizer.pad_token_id, batch_size, device), {}
+    else:
+        predictions, labels = predict(model, examples, tokenizer.pad_token_id, batch_size, device)
+        groups = [example.get("group") for example in examples]
+        metrics = task.score(predictions, labels, groups)
+        per_example = {"prediction": predictions, "label": labels, **({"group": groups} if any(groups) else {})}
     if task.generation_metrics is not None:
-        metrics.update(task.generation_metrics(model, tokenizer, rows, device, batch_size))
-    return metrics
+        generated = task.generation_metrics(model, tokenizer, rows, device, batch_size)
+        generated, statistics = generated if isinstance(generated, tuple) else (generated, {})
+        metrics.update(generated)
+        per_example.update(statistics)
+    return metrics, per_example
 
 
 def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hparams, train_cfg, device, out: Path,

@@ -122,9 +122,16 @@ def expand(config: dict[str, Any]) -> list[Run]:
     for setting, task, variant, overrides in _combinations(config, rates):
         selection = selection_path(task, variant, setting) if _swept(config, setting, task, variant) else None
         tuned = config["rates"] if selection is None and _at_tuned_rate(config, rates, setting, task, variant) else None
-        for seed in config["seeds"]:
+        for seed in seeds_of(config, setting, task):
             runs.append(Run(task, variant, setting, seed, tuple(overrides.items()), selection=selection, rates=tuned))
     return runs
+
+
+def seeds_of(config: dict[str, Any], setting: str, task: str) -> list[int]:
+    """The seeds a setting's runs on a task train with: the setting's own ``seeds``, else the
+    task's in ``task_seeds``, else the study's ``seeds``."""
+    own = config["settings"][setting].get("seeds")
+    return own if own is not None else config.get("task_seeds", {}).get(task, config["seeds"])
 
 
 def tuned_rates(config: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -211,6 +218,7 @@ def _check_config_names(config: dict[str, Any]) -> None:
             _check_names(entry.get(kind, []), kind, f"'hparams.where' entry {number}")
         for setting, spec in config["settings"].items():
             _check_names(spec.get(kind, []), kind, f"setting {setting!r}")
+    _check_names(list(config.get("task_seeds", {})), "tasks", "'task_seeds'")
 
 
 def _combinations(config: dict[str, Any], tuned: dict[str, dict[str, dict[str, Any]]] | None = None):

@@ -137,7 +137,10 @@ class Task:
     group_column: str | None = None
     sample_by: str | None = None
     make_examples: Callable[..., list[dict]] | None = None
-    generation_metrics: Callable[..., dict[str, float]] | None = None
+    # (model, tokenizer, eval rows, device, batch_size) -> metrics, or (metrics, per-example
+    # statistics: name -> one list entry per scored input), which the record keeps in
+    # eval.examples for the analysis's bootstrap (E2E: BLEU's n-gram counts).
+    generation_metrics: Callable[..., dict[str, float] | tuple[dict[str, float], dict[str, list]]] | None = None
     local_note: str = ""
 
     @property

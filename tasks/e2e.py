@@ -80,6 +80,20 @@ def bleu_and_rouge(hypotheses: list[str], references: list[list[str]]) -> dict[s
     return {"bleu": float(bleu), "rouge_l": float(100 * rouge)}
 
 
+def bleu_statistics(hypotheses: list[str], references: list[list[str]]) -> list[list[int]]:
+    """Per MR, the counts corpus BLEU sums over MRs: [hypothesis length, closest reference
+    length, matching 1- to 4-grams, hypothesis 1- to 4-grams]; any resample of MRs gives its
+    corpus BLEU from their sum (``analysis.significance``)."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(effective_order=True)  # changes a sentence's score, not its counts (the warning it silences)
+    statistics = []
+    for hypothesis, refs in zip(hypotheses, references, strict=True):
+        sentence = bleu.sentence_score(hypothesis, refs)
+        statistics.append([int(sentence.sys_len), int(sentence.ref_len), *map(int, sentence.counts), *map(int, sentence.totals)])
+    return statistics
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], device: torch.device, batch_size: int, max_new_tokens: int) -> list[str]:
     """Greedy continuations of ``prompts``, batched with left padding."""
@@ -101,12 +115,15 @@ def generate(model, tokenizer, prompts: list[str], device: torch.device, batch_s
     return [texts[i] for i in range(len(prompts))]
 
 
-def generation_metrics(model, tokenizer, dataset: datasets.Dataset, device: torch.device, batch_size: int) -> dict[str, float]:
+def generation_metrics(model, tokenizer, dataset: datasets.Dataset, device: torch.device,
+                       batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
+    """BLEU and ROUGE-L of greedy generations, one per MR, and BLEU's statistics per MR."""
     grouped: dict[str, list[str]] = {}
     for mr, ref in zip(column(dataset, "meaning_representation"), column(dataset, "human_reference")):
         grouped.setdefault(mr, []).append(ref)
     hypotheses = generate(model, tokenizer, [PROMPT.format(mr=mr) for mr in grouped], device, batch_size, max_new_tokens=80)
-    return bleu_and_rouge(hypotheses, list(grouped.values()))
+    references = list(grouped.values())
+    return bleu_and_rouge(hypotheses, references), {"bleu_stats": bleu_statistics(hypotheses, references)}
 
 
 TASKS = [

@@ -197,8 +197,8 @@ def test_report_lists_tables_environment_findings_and_failures(results):
     assert "**These records come from more than one commit** (differing: git commit)" in text
     assert "| E1 | 7 | abc123 |" in text and "| E2 | 3 | def456 |" in text and "- torch: 2.13.0" in text
     leaderboard = text.split("## Leaderboard")[1].split("## GLUE")[0]
-    assert "| 1 | full | 0.9200 | 0.0497 | 3 | 23,000,000 | 100 | 100 | yes |" in leaderboard
-    assert "| 2 | lora | 0.8600 | 0.1271 | 2 | 300,000 | 93.5 | 1.304 | yes |" in leaderboard
+    assert "| 1 | full | 0.9200 | 0.0497 | 3 | 0.0005 | 23,000,000 | 100 | 100 | yes |" in leaderboard
+    assert "| 2 | lora | 0.8600 | 0.1271 | 2 | 0.0005 | 300,000 | 93.5 | 1.304 | yes |" in leaderboard
     assert "![Score vs trainable parameters](figures/score_vs_params.png)" in text
     assert "![Cost relative to full fine-tuning](figures/cost_vs_full.png)" in text
     assert "**sst2** (dev accuracy): best is full at 0.9200 (n=3)." in text
@@ -387,7 +387,7 @@ def test_a_run_that_timed_no_step_shows_tokens_per_s_as_not_measured(tmp_path):
     assert math.isnan(by_setting.loc[("lora", "default"), "tokens_per_s"]) and math.isnan(by_setting.loc[("vera", "default"), "samples_per_s"])
     markdown = (tmp_path / "tables" / "summary.md").read_text()
     lines = {tuple(line.split(" | ")[1:3]): line for line in markdown.splitlines() if line.startswith("| sst2 | ")}
-    assert lines["lora", "default"].endswith("| n/m | n/m | 180 | cpu_rss | 8 | E1 |") and "| n/m |" in lines["vera", "default"]
+    assert lines["lora", "default"].endswith("| n/m | n/m | 180 | cpu_rss | 8 | 0.0005 | E1 |") and "| n/m |" in lines["vera", "default"]
     assert "| 1,500 | 110 | 180 |" in lines["full", "default"] and aggregate.NOT_MEASURED_NOTE in markdown
 
     text = report.render(long, summary, figures=set())

