@@ -280,7 +280,8 @@ def leaderboard(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> pd.
 
 def verdicts(tests: pd.DataFrame) -> pd.DataFrame:
     """Per task x variant x setting: the verdict against LoRA and full, and ``above_floors``:
-    True when significantly above every floor tested, False when not above one, None untested."""
+    True when significantly above every floor that was tested (a task may have only one: no
+    majority class for generation), False when not above one, None when none was tested."""
     rows = []
     for key, group in tests.groupby(GROUP_KEY, sort=False):
         row = dict(zip(GROUP_KEY, key))

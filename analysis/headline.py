@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import significance
 from analysis.aggregate import DEFAULT_SETTING, FULL, metric_name, runs_from_tidy, variant_order
+from analysis.report import AT_FLOOR
 
 START, END = "<!-- study-table:start -->", "<!-- study-table:end -->"
-AT_FLOOR = "†"  # as in the report: not significantly above the majority class or the untrained model
 
 
 def cell(row: pd.Series, decimals: int) -> str:
@@ -42,18 +43,20 @@ def verdicts(row: pd.Series) -> str:
 
 
 def table(results_dir: str | Path) -> str:
-    """The Markdown table: one row per variant of the default setting, three columns per task."""
+    """The Markdown table: one row per variant of the default setting, three columns per task,
+    then its trainable parameters on each model (tasks sharing a model share the count)."""
     board = pd.read_csv(Path(results_dir, "tables", "leaderboard.csv"))
     board = board[board["setting"] == DEFAULT_SETTING]
     tasks = sorted(board["task"].unique())
+    models = task_models(results_dir, tasks)
     header = ["variant"]
     for task in tasks:
         metric = metric_name(board.loc[board["task"] == task, "primary_metric"].iloc[0])
         header += [f"{task} {metric}", "lr", "vs LoRA / full"]
-    header.append("trainable params")
+    header += [f"trainable ({model})" for model in models]
     rows = []
     for variant in variant_order(board["variant"].unique()):
-        cells, trainable = [f"`{variant}`"], None
+        cells = [f"`{variant}`"]
         for task in tasks:
             found = board[(board["task"] == task) & (board["variant"] == variant)]
             if found.empty:
@@ -61,13 +64,27 @@ def table(results_dir: str | Path) -> str:
                 continue
             row = found.iloc[0]
             decimals = 2 if board.loc[board["task"] == task, "score_mean"].abs().max() >= 10 else 3
-            cells += [cell(row, decimals), f"{row.lr:.2g}" if pd.notna(row.lr) else "", verdicts(row)]
-            trainable = trainable if trainable is not None else row.trainable
-        cells.append(f"{trainable:,.0f}" if trainable is not None and pd.notna(trainable) else "")
+            cells += [cell(row, decimals), f"{row.lr:.3g}" if pd.notna(row.lr) else "", verdicts(row)]
+        for model_tasks in models.values():
+            counts = board.loc[board["task"].isin(model_tasks) & (board["variant"] == variant), "trainable"].dropna()
+            cells.append(f"{counts.iloc[0]:,.0f}" if len(counts) else "")
         rows.append(cells)
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|---:|---|" * len(tasks) + "---:|"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|---:|---|" * len(tasks) + "---:|" * len(models)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n\n" + provenance(results_dir) + "\n"
+
+
+def task_models(results_dir: str | Path, tasks: list[str]) -> dict[str, list[str]]:
+    """model -> the tasks trained on it, from the run table (one "model" for all when unknown)."""
+    runs_path = Path(results_dir, "tables", "runs.parquet")
+    if not runs_path.exists():
+        return {"model": tasks}
+    runs = runs_from_tidy(pd.read_parquet(runs_path)).dropna(subset=["model"])
+    models: dict[str, list[str]] = {}
+    for task in tasks:
+        found = runs.loc[runs["task"] == task, "model"]
+        models.setdefault(str(found.iloc[0]) if len(found) else "model", []).append(task)
+    return models
 
 
 def provenance(results_dir: str | Path) -> str:
@@ -79,9 +96,10 @@ def provenance(results_dir: str | Path) -> str:
         found = sorted(str(commit)[:7] for commit in runs["git_commit"].dropna().unique())
         dirty = bool(runs["git_dirty"].fillna(False).astype(bool).any())
         commits = f" at commit {', '.join(found)}" + (" (with uncommitted changes)" if dirty else "") if found else ""
-    return (f"_Mean ± 95% CI (seeds); lr: the tuned rate it trained at; vs LoRA / full: better, worse or n.s. at 0.05 "
-            f"(Welch's t over seeds with 3 or more a side, else a paired bootstrap over the evaluation examples); "
-            f"{AT_FLOOR}: not significantly above the majority class or the untrained model. "
+    return (f"_Mean ± 95% CI (seeds); lr: the rate it trained at; vs LoRA / full: better, worse or n.s. at "
+            f"{significance.ALPHA:g}, Holm-corrected per task and reference (Welch's t over seeds with "
+            f"{significance.MIN_SEEDS_FOR_T} or more a side, else a paired bootstrap over the evaluation examples; n.s. is "
+            f"no evidence of equality); {AT_FLOOR}: not significantly above the majority class or the untrained model. "
             f"From `python -m analysis.headline {results_dir}`, records{commits}._")
 
 

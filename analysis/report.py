@@ -213,12 +213,13 @@ def leaderboards(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> st
 def significance_legend(tests: pd.DataFrame) -> str:
     """How the leaderboard's verdicts were reached, and which comparisons could not be tested."""
     untested = sorted(name for name in tests["test"].dropna().unique() if name.startswith("none"))
-    text = (f"vs LoRA, vs full: better, worse, or n.s. (not significant at {significance.ALPHA:g}, two-sided): Welch's t-test "
-            f"over seeds where both sides have {significance.MIN_SEEDS_FOR_T} or more, else a paired bootstrap over the "
-            f"evaluation examples ({significance.RESAMPLES} resamples), which sees the test set's noise but not the seeds'. "
-            f"{AT_FLOOR}: not significantly above the majority class or the untrained model (one-sided, the same tests; "
-            "against the majority class a one-sample t-test over seeds): that score is no evidence that the method learnt "
-            "the task. Every test and p-value: `tables/significance.csv`.")
+    text = (f"vs LoRA, vs full: better, worse, or n.s. (not significant at {significance.ALPHA:g}, two-sided, Holm-corrected "
+            f"within each task and reference): Welch's t-test over seeds where both sides have {significance.MIN_SEEDS_FOR_T} "
+            f"or more, else a paired bootstrap over the evaluation examples ({significance.RESAMPLES} resamples), which sees "
+            "the test set's noise but not the seeds'. n.s. is no evidence of equality: three seeds give the t-test little "
+            f"power. {AT_FLOOR}: not significantly above the majority class or the untrained model (one-sided, the same "
+            "tests; a one-sample t-test against the majority class where a variant has three seeds): that score is no "
+            "evidence that the method learnt the task. Every test and p-value: `tables/significance.csv`.")
     if untested:
         text += " Untested: " + "; ".join(name.removeprefix("none: ") for name in untested) + "."
     return text

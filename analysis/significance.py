@@ -13,7 +13,10 @@ Two tests, chosen per comparison by what the runs allow:
 
 Both are two-sided against LoRA and full (``better`` / ``worse`` / ``n.s.``) and one-sided
 against the floors (the majority class, the untrained model: ``above`` or ``not above``), at
-``ALPHA``. The bootstrap needs the records' ``eval.examples`` (predictions and labels, or
+``ALPHA`` after Holm's correction within each task x reference (a dozen variants are compared
+with each reference, so uncorrected a few verdicts would be chance). ``n.s.`` is no evidence
+of equality: three seeds a side give the t-test little power, and a bootstrap over few
+examples (E2E scores about 15 meaning representations) is coarse. The bootstrap needs the records' ``eval.examples`` (predictions and labels, or
 E2E's BLEU statistics); a comparison whose records lack them, or whose two sides were scored
 on different examples, gets no test (``test`` names why).
 """
@@ -42,8 +45,8 @@ WELCH = "Welch t over seeds"
 ONE_SAMPLE = "one-sample t over seeds"
 BOOTSTRAP = f"paired bootstrap over examples ({RESAMPLES})"
 COLUMNS = [
-    "task", "variant", "setting", "reference", "test", "n_seeds", "reference_n_seeds", "score", "reference_score",
-    "difference", "p_value", "significant", "verdict",
+    "task", "variant", "setting", "metric", "lower_is_better", "reference", "test", "n_seeds", "reference_n_seeds", "score",
+    "reference_score", "difference", "p_value", "p_holm", "significant", "verdict",
 ]  # fmt: skip
 
 
@@ -109,13 +112,18 @@ _PER_RESAMPLE = {
 }
 
 
-def majority_examples(examples: dict[str, list]) -> dict[str, list] | None:
-    """The examples as a constant predictor of the most frequent label would score them;
-    None for regression (float labels) and generation."""
+def majority_examples(examples: dict[str, list], metric: str) -> dict[str, list] | None:
+    """The examples as a constant predictor of the most frequent label would score them (of the
+    metric's group, for a grouped metric such as MNLI's accuracy_matched); None for regression
+    (float labels) and generation."""
     labels = examples.get("label")
     if labels is None or not all(isinstance(label, (int, np.integer)) and not isinstance(label, bool) for label in labels):
         return None
-    most = Counter(labels).most_common(1)[0][0]
+    counted = labels
+    if "group" in examples and "_" in metric:
+        group = metric.rsplit("_", 1)[1]
+        counted = [label for label, found in zip(labels, examples["group"]) if found == group] or labels
+    most = Counter(counted).most_common(1)[0][0]
     return {**examples, "prediction": [most] * len(labels)}
 
 
@@ -128,9 +136,16 @@ def compare(side: list[dict], reference: list[dict], metric: str, lower_is_bette
     sign = -1.0 if lower_is_better else 1.0
     row = {"n_seeds": len(side), "reference_n_seeds": len(reference), "score": score, "reference_score": reference_score,
            "difference": score - reference_score, "test": None, "p_value": math.nan}
-    if len(side) >= MIN_SEEDS_FOR_T and (constant_reference or len(reference) >= MIN_SEEDS_FOR_T):
+    if not (math.isfinite(score) and math.isfinite(reference_score)):
+        row["test"] = "none: the metric is undefined for a run"
+        return row
+    ours, theirs = [run["score"] * sign for run in side], [run["score"] * sign for run in reference]
+    seeded = len(side) >= MIN_SEEDS_FOR_T and (constant_reference or len(reference) >= MIN_SEEDS_FOR_T)
+    # Without spread on either side a t statistic is undefined: the bootstrap then judges a gap.
+    spread = np.ptp(ours) > 0 or (not constant_reference and np.ptp(theirs) > 0)
+    if seeded and (spread or score == reference_score):
         row["test"] = ONE_SAMPLE if constant_reference else WELCH
-        row["p_value"] = _t_test([run["score"] * sign for run in side], [run["score"] * sign for run in reference], one_sided, constant_reference)
+        row["p_value"] = _t_test(ours, theirs, one_sided, constant_reference)
     else:
         row["test"], row["p_value"] = _bootstrap(side, reference, metric, sign, one_sided)
     return row
@@ -138,9 +153,8 @@ def compare(side: list[dict], reference: list[dict], metric: str, lower_is_bette
 
 def _t_test(side: list[float], reference: list[float], one_sided: bool, constant: bool) -> float:
     alternative = "greater" if one_sided else "two-sided"
-    if np.std(side) == 0 and (constant or np.std(reference) == 0):  # no spread: the order is certain or there is none
-        gap = np.mean(side) - np.mean(reference)
-        return 1.0 if gap == 0 or (one_sided and gap < 0) else 0.0
+    if np.ptp(side) == 0 and (constant or np.ptp(reference) == 0):  # equal scores, no spread: no difference
+        return 1.0
     if constant:
         return float(stats.ttest_1samp(side, reference[0], alternative=alternative).pvalue)
     return float(stats.ttest_ind(side, reference, equal_var=False, alternative=alternative).pvalue)
@@ -157,6 +171,8 @@ def _bootstrap(side: list[dict], reference: list[dict], metric: str, sign: float
     ours = np.mean([metric_on(run["examples"], metric, weights) for run in side], axis=0)
     theirs = np.mean([metric_on(run["examples"], metric, weights) for run in reference], axis=0)
     gaps = sign * (ours - theirs)
+    if not np.isfinite(gaps).all():  # a correlation of constant predictions, a group no resample drew
+        return "none: the metric is undefined on a resample", math.nan
     below, above = (np.sum(gaps <= 0) + 1) / (RESAMPLES + 1), (np.sum(gaps >= 0) + 1) / (RESAMPLES + 1)
     return BOOTSTRAP, float(below if one_sided else min(1.0, 2 * min(below, above)))
 
@@ -166,17 +182,20 @@ def _count(examples: dict[str, list], metric: str) -> int:
 
 
 def _same_examples(examples: list[dict], metric: str) -> bool:
-    if metric == "bleu":
-        return len({len(found["bleu_stats"]) for found in examples}) == 1
-    first = examples[0]["label"]
-    return all(found["label"] == first for found in examples[1:])
+    """Both sides scored the same examples: the same labels, or for BLEU the same inputs."""
+    key = "input" if metric == "bleu" else "label"
+    if any(key not in found for found in examples):
+        return False
+    first = examples[0][key]
+    return all(found[key] == first for found in examples[1:])
 
 
 def verdict(row: dict[str, Any], one_sided: bool) -> tuple[bool | None, str]:
-    """(significant, what it means): above / not above a floor; better / worse / n.s. else."""
-    if pd.isna(row["p_value"]):
+    """(significant, what it means) from the Holm-adjusted p-value: above / not above a floor;
+    better / worse / n.s. else."""
+    if pd.isna(row["p_holm"]):
         return None, "untested"
-    significant = bool(row["p_value"] < ALPHA)
+    significant = bool(row["p_holm"] < ALPHA)
     if one_sided:
         return significant, "above" if significant else "not above"
     if not significant:
@@ -202,22 +221,39 @@ def table(results_dir: str | os.PathLike, base_setting: str = "base", default_se
         for reference_name in REFERENCES:
             reference = groups.get((task, reference_name, default_setting))
             if reference is not None and (variant, setting) != (reference_name, default_setting):
-                rows.append(_row(task, variant, setting, reference_name, compare(side, reference, metric, lower, one_sided=False), lower, False))
+                rows.append(_row(task, variant, setting, reference_name, compare(side, reference, metric, lower, one_sided=False), metric, lower))
         floors = []
-        majority = majority_examples(side[0]["examples"]) if side[0]["examples"] else None
+        majority = majority_examples(side[0]["examples"], metric) if side[0]["examples"] else None
         if majority is not None:
             score = float(metric_on(majority, metric, np.ones(_count(majority, metric)))[0])
             floors.append((MAJORITY, [{"score": score, "examples": majority}], True))
-        untrained = next((runs for (t, _, s), runs in groups.items() if t == task and s == base_setting), None)
+        untrained = next((found for (t, _, s), found in groups.items() if t == task and s == base_setting), None)
         if untrained is not None:  # one untrained score is a floor to clear, several a distribution
             floors.append((UNTRAINED, untrained, len(untrained) == 1))
         for name, reference, constant in floors:
             rows.append(_row(task, variant, setting, name, compare(side, reference, metric, lower, one_sided=True, constant_reference=constant),
-                             lower, True))
-    return pd.DataFrame(rows, columns=COLUMNS)
+                             metric, lower))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["p_holm"] = holm(table)
+    for index, found in table.iterrows():
+        table.loc[index, ["significant", "verdict"]] = verdict(found, one_sided=found["reference"] in (MAJORITY, UNTRAINED))
+    return table
 
 
-def _row(task, variant, setting, reference, result, lower, one_sided) -> dict[str, Any]:
-    row = {"task": task, "variant": variant, "setting": setting, "reference": reference, **result, "lower_is_better": lower}
-    row["significant"], row["verdict"] = verdict(row, one_sided)
+def holm(table: pd.DataFrame) -> pd.Series:
+    """Holm's step-down adjustment of ``p_value`` within each task x reference (NaN stays NaN)."""
+    adjusted = pd.Series(math.nan, index=table.index, dtype="float64")
+    for _, family in table.dropna(subset=["p_value"]).groupby(["task", "reference"], sort=False):
+        ordered = family["p_value"].sort_values(kind="stable")
+        count = len(ordered)
+        running = 0.0
+        for rank, (index, value) in enumerate(ordered.items()):
+            running = max(running, min(1.0, (count - rank) * value))
+            adjusted[index] = running
+    return adjusted
+
+
+def _row(task, variant, setting, reference, result, metric, lower) -> dict[str, Any]:
+    row = {"task": task, "variant": variant, "setting": setting, "metric": metric, "lower_is_better": lower, "reference": reference,
+           **result, "p_holm": math.nan, "significant": None, "verdict": None}
     return {column: row[column] for column in COLUMNS}

@@ -29,7 +29,8 @@ Layout (``SCHEMA_VERSION`` 1)::
                      examples (the reported split only, optional): per example, in the
                      split's order, what the analysis bootstraps significance from:
                      prediction, label (and group) for classifiers; bleu_stats
-                     [hyp_len, ref_len, 4 n-gram matches, 4 n-gram totals] for E2E}
+                     [hyp_len, ref_len, 4 n-gram matches, 4 n-gram totals] and input
+                     (a hash of each MR) for E2E}
     extraction      null | {...}   (parasitic extraction, full fine-tuning only)
     meta            {lorabench_version, python, platform, hostname, device, threads,
                      packages{name: version}, git_commit, git_dirty, started_at, finished_at}

@@ -18,6 +18,7 @@ metric is BLEU.
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import datasets
@@ -123,7 +124,8 @@ def generation_metrics(model, tokenizer, dataset: datasets.Dataset, device: torc
         grouped.setdefault(mr, []).append(ref)
     hypotheses = generate(model, tokenizer, [PROMPT.format(mr=mr) for mr in grouped], device, batch_size, max_new_tokens=80)
     references = list(grouped.values())
-    return bleu_and_rouge(hypotheses, references), {"bleu_stats": bleu_statistics(hypotheses, references)}
+    inputs = [hashlib.sha1(mr.encode()).hexdigest()[:12] for mr in grouped]  # which MRs, so that runs pair up only on the same ones
+    return bleu_and_rouge(hypotheses, references), {"bleu_stats": bleu_statistics(hypotheses, references), "input": inputs}
 
 
 TASKS = [

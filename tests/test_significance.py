@@ -159,3 +159,30 @@ def test_headline_table_has_every_variant_with_ci_rate_and_verdicts(study, tmp_p
     page.write_text(f"before\n{headline.START}\nold\n{headline.END}\nafter\n")
     assert headline.write(page, text) and page.read_text() == f"before\n{headline.START}\n{text}{headline.END}\nafter\n"
     assert not headline.write(page, text)
+
+
+def test_holm_adjusts_within_each_task_and_reference(study):
+    tests = significance.table(study)
+    assert (tests["p_holm"].dropna() >= tests["p_value"].dropna() - 1e-12).all()
+    for _, family in tests.dropna(subset=["p_value"]).groupby(["task", "reference"]):
+        ordered = family.sort_values("p_value")
+        assert ordered["p_holm"].is_monotonic_increasing
+        assert ordered["p_holm"].iloc[0] == pytest.approx(min(1.0, len(family) * ordered["p_value"].iloc[0]))
+    assert set(tests.columns) >= {"metric", "lower_is_better"} and (tests["metric"] == "accuracy").all()
+
+
+def test_identical_seeds_go_to_the_bootstrap_and_an_undefined_metric_is_not_tested():
+    runs = [{"score": 0.8, "examples": {"prediction": correct_on(320), "label": LABELS}}] * 3
+    others = [{"score": 0.81, "examples": {"prediction": correct_on(324, 50), "label": LABELS}}] * 3
+    found = significance.compare(runs, others, "accuracy", lower_is_better=False, one_sided=False)
+    assert found["test"] == significance.BOOTSTRAP and found["p_value"] > 0.05  # three equal seeds a side: no t statistic
+    constant = {"prediction": [0.5] * 10, "label": [float(i) for i in range(10)]}
+    varied = {"prediction": [float(i) for i in range(10)], "label": [float(i) for i in range(10)]}
+    flat = significance.compare([{"score": float("nan"), "examples": constant}], [{"score": 1.0, "examples": varied}], "pearson", False, False)
+    assert flat["test"].startswith("none") and np.isnan(flat["p_value"])
+
+
+def test_the_majority_of_a_grouped_metric_is_its_groups():
+    examples = {"prediction": [0] * 6, "label": [1, 1, 0, 0, 0, 0], "group": ["matched"] * 2 + ["mismatched"] * 4}
+    assert significance.majority_examples(examples, "accuracy_matched")["prediction"] == [1] * 6
+    assert significance.majority_examples(examples, "accuracy")["prediction"] == [0] * 6
