@@ -578,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", default="default", help="name of the hyper-parameter setting (a folder of the record path)")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override hyper-parameters (repeatable: --set a=1 --set b=2 sets both)")
-    parser.add_argument("--results", default="results", help="results folder (default: results)")
+    # Not the study's results folder: a hand-run record there would pass for the study's run of the
+    # same path, and Snakemake would never train that one (`python -m analysis.report results/manual`).
+    parser.add_argument("--results", default="results/manual", help="results folder (default: results/manual, away from the study's)")
     parser.add_argument("--out", help="record path (default: RESULTS/runs/TASK/VARIANT/SETTING/seedS.json)")
     chosen = parser.add_mutually_exclusive_group()
     chosen.add_argument("--selection", help="a sweep's selection file (python -m lorabench.sweep): its hyper-parameters win over --set")

@@ -179,3 +179,14 @@ def test_out_of_memory_after_training_still_writes_a_failed_record(tmp_path, mon
     record = run.execute("sst2", "lora", 0, "default", {**SMALL, "data_dir": str(tiny_data(tmp_path))}, out)
     assert record["status"] == "failed" and record["error"]["type"] == "OutOfMemoryError"
     assert records.read(out)["error"]["message"].startswith("CUDA out of memory")
+
+
+def test_a_run_by_hand_writes_away_from_the_studys_records(monkeypatch, tmp_path):
+    """The study's record path stays the study's: a hand run there would hide its job from Snakemake."""
+    written = []
+    monkeypatch.setattr(run, "execute", lambda task, variant, seed, setting, sets, out, selection: written.append(out) or
+                        {"status": "failed", "error": {"type": "X", "message": "stopped here"}, "eval": None, "train": None})
+    monkeypatch.chdir(tmp_path)
+    run.main(["--task", "sst2", "--variant", "lora"])
+    assert written == [records.record_path("results/manual", "sst2", "lora", "default", 0)]
+    assert Path(written[0]).parts[:3] == ("results", "manual", "runs")
