@@ -113,9 +113,20 @@ def _check_names(names: list[str], kind: str, where: str) -> None:
         raise ConfigError(f"config {where}: unknown {kind} {unknown}; known {kind}: {', '.join(registry)}")
 
 
+def resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """The study with ``variants: all`` spelt out: every discovered variant but those in
+    ``exclude_variants``, so that a new variant file joins every such study with no edit."""
+    if config["variants"] != "all":
+        return config
+    excluded = config.get("exclude_variants", [])
+    _check_names(excluded, "variants", "'exclude_variants'")
+    return {**config, "variants": [name for name in variants.REGISTRY if name not in excluded]}
+
+
 def expand(config: dict[str, Any]) -> list[Run]:
     """All runs of a study, in a stable order, each with its hyper-parameters checked; a swept
     setting's final runs name their sweep, whose runs come from :func:`expand_sweeps`."""
+    config = resolved(config)
     _check_config_names(config)
     rates = tuned_rates(config)
     runs = []
@@ -166,6 +177,7 @@ def expand_sweeps(config: dict[str, Any]) -> list[Sweep]:
     spec = config.get("lr_sweep")
     if not spec:
         return []
+    config = resolved(config)
     _check_config_names(config)
     grids = spec["grids"]
     _check_names([name for name in grids if name != "all"], "variants", "'lr_sweep.grids'")
@@ -187,6 +199,8 @@ def expand_sweeps(config: dict[str, Any]) -> list[Sweep]:
             raise ConfigError(f"config 'lr_sweep.grids' has no grid for variant {variant!r}: add 'all' or {variant!r}")
         where = f"config 'lr_sweep', setting {setting!r}, task {task!r}, variant {variant!r}"
         hparams = _resolve(where, task, variant, {**overrides, **spec.get("hparams", {})})
+        if isinstance(grid, dict):  # factors of the rate the run is configured with
+            grid = [float(f"{factor * hparams['lr']:.2g}") for factor in grid["factors"]]
         if hparams["max_steps"] == 0 and hparams["epochs"] == 0:
             raise ConfigError(f"{where}: the setting trains no step (max_steps=0); leave it out of lr_sweep.settings")
         if hparams["val_size"] == 0:

@@ -26,7 +26,7 @@ def test_the_tuning_study_sweeps_every_default_run_at_its_budget_and_data():
     examples, and at the budget, of the default run it tunes (everything but lr and what a
     sweep run leaves out)."""
     default, tune = config("config"), config("tune")
-    assert set(tune["tasks"]) == set(default["tasks"]) and set(tune["variants"]) == set(default["variants"])
+    assert set(tune["tasks"]) == set(default["tasks"]) and tune["variants"] == default["variants"] == "all"
     finals = {(run_.task, run_.variant): dict(run_.overrides) for run_ in study.expand({**default, "rates": None}) if run_.setting == "default"}
     sweeps = study.expand_sweeps(tune)
     assert {(s.task, s.variant) for s in sweeps} == set(finals)
@@ -126,3 +126,17 @@ def test_the_report_shows_a_tuned_rate_at_the_edge_of_its_grid(tmp_path):
     learning = text[text.index("## Learning rates") :]
     assert "At the edge of its grid (the best rate may lie outside it; widen the grid): sst2/lora_fa (0.01)." in learning
     assert "sst2/lora " not in learning.split("At the edge")[1]
+
+
+def test_a_variant_without_a_grid_of_its_own_gets_factors_of_its_configured_rate():
+    """`all: {factors: [1/3, 1, 3, 9]}` gives a new variant the grid the others were given by hand."""
+    tune = config("tune")
+    explicit = {name: grid for name, grid in tune["lr_sweep"]["grids"].items() if name != "all"}
+    by_hand = {(s.task, s.variant): sorted(dict(r.overrides)["lr"] for r in s.runs) for s in study.expand_sweeps(tune)}
+    tune["lr_sweep"]["grids"] = {"all": tune["lr_sweep"]["grids"]["all"]}
+    for variant, layer in config("config")["hparams"]["variant"].items():  # centred on the default study's rates, as the hand grids
+        tune["hparams"]["variant"].setdefault(variant, {})["lr"] = layer["lr"]
+    by_factors = {(s.task, s.variant): sorted(dict(r.overrides)["lr"] for r in s.runs) for s in study.expand_sweeps(tune)}
+    assert set(by_factors) == set(by_hand) and set(explicit) == {variant for _, variant in by_hand}
+    for key, grid in by_factors.items():
+        assert grid == by_hand[key][:4], key  # the hand grids add rates above 9p where a best rate was at the top
