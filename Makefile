@@ -11,7 +11,7 @@ TUNE ?= config/tune.yaml
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run smoke costs tune test report lint clean
+.PHONY: run smoke costs tune test test-variant report lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ report: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# Every test a new variant file meets, in minutes: make test-variant NAME=<name in variants/>
+test-variant: $(VENV)/.installed
+	@test -n "$(NAME)" || { echo "usage: make test-variant NAME=<file name in variants/, without .py>"; exit 2; }
+	$(BIN)/python -m pytest -q -k "$(NAME)" tests/test_variant_contract.py tests/test_quantize.py tests/test_precision.py tests/test_resume.py
+	$(BIN)/python -m pytest -q tests/test_docs.py tests/test_rates.py "tests/test_dag.py::test_every_config_expands" $(wildcard tests/test_$(NAME).py)
 
 lint: $(VENV)/.installed
 	$(BIN)/snakemake --lint --configfile $(CONFIG)

@@ -104,7 +104,7 @@ def render(
         seed_figure(SEED_FIGURE in figures, tests),
         glue_section(summary),
         score_figure(FIGURE in figures),
-        findings(summary),
+        findings(summary, tests),
         cost_figure(COST_FIGURE in figures),
         cost_findings(summary),
         results(summary, metric_means(table), runs),
@@ -352,10 +352,11 @@ def _figure(title: str, alt: str, path: str, exists: bool) -> str:
     return f"{title}\n\n![{alt}]({path})\n\n[PDF]({path.removesuffix('.png')}.pdf)"
 
 
-def findings(summary: pd.DataFrame) -> str:
-    """What the score figure shows, in numbers, per task: the best run, full fine-tuning and the
-    untrained model, the Pareto front, the smallest run within 1% of full, and who did not learn."""
-    board = leaderboard(summary)
+def findings(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> str:
+    """What the score figure shows, in numbers, per task: the best run (and whether the runs after
+    it differ from it significantly), full fine-tuning and the untrained model, the Pareto front,
+    the smallest run within 1% of full, and who did not learn."""
+    board = leaderboard(summary, tests)
     parts = []
     for task, rows in summary.groupby("task", sort=True):
         ranked = board[board["task"] == task]
@@ -366,7 +367,8 @@ def findings(summary: pd.DataFrame) -> str:
         lower = task_lower_is_better(ranked)
         fmt = partial(score_text, scale=_scale(rows["score_mean"]))
         best = ranked.iloc[0]
-        text = [f"**{task}** ({metric}): best is {variant_label(best.variant, best.setting)} at {fmt(best.score_mean)} (n={best.n_seeds})."]
+        text = [f"**{task}** ({metric}): best is {variant_label(best.variant, best.setting)} at {fmt(best.score_mean)} (n={best.n_seeds})"
+                + _tied_with_best(ranked, best) + "."]
         full = full_reference(ranked)
         base = rows[(rows["setting"] == BASE_SETTING)].dropna(subset=["score_mean"])
         if full is None:
@@ -397,6 +399,15 @@ def findings(summary: pd.DataFrame) -> str:
                                 + ", ".join(f"{variant_label(row.variant, row.setting)} ({fmt(row.score_mean)})" for row in stuck.itertuples()) + ".")
         parts.append(" ".join(text))
     return "\n\n".join(parts)
+
+
+def _tied_with_best(ranked: pd.DataFrame, best) -> str:
+    """", not significantly better than lora or full" where the best run's verdicts say so."""
+    if "vs_lora" not in ranked.columns:
+        return ""
+    tied = [name for column, name in (("vs_full", FULL), ("vs_lora", "lora"))
+            if best.variant != name and best[column] == "n.s."]
+    return f", not significantly better than {' or '.join(tied)}" if tied else ""
 
 
 def cost_findings(summary: pd.DataFrame) -> str:

@@ -186,3 +186,12 @@ def test_the_majority_of_a_grouped_metric_is_its_groups():
     examples = {"prediction": [0] * 6, "label": [1, 1, 0, 0, 0, 0], "group": ["matched"] * 2 + ["mismatched"] * 4}
     assert significance.majority_examples(examples, "accuracy_matched")["prediction"] == [1] * 6
     assert significance.majority_examples(examples, "accuracy")["prediction"] == [0] * 6
+
+
+def test_the_best_run_is_called_best_only_as_far_as_its_tests_go(study, tmp_path):
+    text = report.build_report(study).read_text()
+    assert "**toy** (dev accuracy): best is single at 0.9000 (n=1)." in text  # better than LoRA and full, both significant
+    write(tmp_path, "lora", 0, correct_on(320))
+    write(tmp_path, "full", 0, correct_on(324, 50))
+    text = report.build_report(tmp_path).read_text()
+    assert "best is full at 0.8100 (n=1), not significantly better than lora." in text
