@@ -51,7 +51,9 @@ report: $(VENV)/.installed
 	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) \
 		--report "$$($(BIN)/python -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["results"])' $(CONFIG))/report.html"
 
+# README's variants table first (a new variant file gets its row; commit the README diff), then the suite.
 test: $(VENV)/.installed
+	$(BIN)/python -m lorabench.docs --write
 	$(BIN)/python -m pytest -q
 
 # Every test a new variant file meets, in minutes: make test-variant NAME=<name in variants/>

@@ -28,7 +28,7 @@ from lorabench import files, records, sweep
 FORMAT = "lorabench-rates/1"
 # What decides the rate's meaning: a rate tuned at other budgets or data is another rate.
 BUDGET_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum", "warmup_ratio", "max_length", "truncation", "train_size",
-               "val_size", "data_seed", "eval_every", "model")
+               "val_size", "val_min_words", "data_seed", "eval_every", "model")
 
 
 class RatesError(ValueError):

@@ -32,12 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 import yaml
 
 import tasks
 import variants
+from tasks import lm
 from lorabench import adapters, checkpoint, extract, measure, models, quantize, rates, records, sizing, sweep
 from lorabench.registry import UnknownNameError
 from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, predict, resolve_precision, task_loss, train
@@ -50,6 +52,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "data_seed": 0,
     "train_size": 0,
     "val_size": 0,
+    "val_min_words": 0,
     "eval_size": 0,
     "max_length": 128,
     "truncation": "head",
@@ -57,6 +60,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "quantize_base": "none",
     "extract": None,
     "forgetting_tokens": 8192,
+    "forgetting_reference": "shakespeare",
     "save_adapter": True,
     "score_split": "eval",
     "device": "auto",
@@ -71,12 +75,16 @@ ENGINE_HELP = {
     "data_seed": "seed of the train/validation/eval subsampling",
     "train_size": "training examples used (0: all left after val_size)",
     "val_size": "examples carved out of train for periodic evaluation (eval_every)",
+    "val_min_words": "carve validation only from training rows with at least this many words (SST-2: full sentences, as dev, "
+                     "not the parse-tree phrases most of train is); those left over still train",
     "eval_size": "examples of the reported split scored (0: all); E2E takes whole meaning representations up to this many references",
     "truncation": "head | head_tail: what of a text longer than max_length is kept",
     "targets": "all-linear, or a list of layer-name suffixes such as [query, value]",
     "quantize_base": "none | nf4 | int8: the frozen base in bitsandbytes 4-bit NF4 (QLoRA) or 8-bit layers",
     "extract": "full runs: parasitic extraction settings, e.g. {interval: 50, threshold: 0.9} (lorabench/extract.py)",
-    "forgetting_tokens": "decoder runs: tokens of the reference text (Shakespeare test) scored before and after (0: skip)",
+    "forgetting_tokens": "decoder runs: tokens of the reference text (forgetting_reference) scored before and after (0: skip)",
+    "forgetting_reference": "decoder runs: the text whose loss rises when a fine-tune forgets: a language-modelling task "
+                            "(its eval split) or a plain-text file; when its data is absent, forgetting is recorded as not measured",
     "score_split": "eval | val: what the record's scores are on (val: the validation split carved from train, for sweeps)",
     "device": "auto | cpu | cuda | cuda:N",
     "threads": "torch CPU threads (0: torch's default)",
@@ -100,10 +108,9 @@ DEFAULT_MODEL = {"encoder": "minilm", "decoder": "smollm2"}
 MACHINE_LOCAL = ("data_dir", "device", "threads", "save_adapter", "checkpoint_every", "memory_limit_mb")
 POSITIVE = ("lr", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "eval_every", "timing_warmup_steps", "bucket_batches",
-                "train_size", "val_size", "eval_size", "threads", "data_seed", "forgetting_tokens", "max_steps", "epochs",
+                "train_size", "val_size", "val_min_words", "eval_size", "threads", "data_seed", "forgetting_tokens", "max_steps", "epochs",
                 "checkpoint_every", "divergence_factor", "memory_limit_mb")
 SCORE_SPLITS = ("eval", "val")
-FORGETTING_REFERENCE = "shakespeare"  # the task whose eval text measures what a decoder forgets
 PACKAGES = ("lorabench", "torch", "transformers", "datasets", "safetensors", "numpy", "scikit-learn", "peft", "snakemake")
 
 
@@ -187,6 +194,13 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
             extract.ExtractConfig.from_dict(hparams["extract"])
         except (extract.ExtractConfigError, TypeError) as error:
             raise ConfigError(str(error)) from error
+    reference = hparams["forgetting_reference"]
+    if reference in tasks.REGISTRY and not tasks.get(reference).causal:
+        raise ConfigError(f"forgetting_reference={reference!r} is a {tasks.get(reference).kind} task, and forgetting is a language "
+                          "model's loss on a text: name a language-modelling task or a plain-text file")
+    if reference not in tasks.REGISTRY and Path(reference).suffix == "" and os.sep not in reference:
+        raise ConfigError(f"forgetting_reference={reference!r} is neither a task ({', '.join(tasks.REGISTRY)}) "
+                          "nor a file path: name a language-modelling task or a plain-text file (e.g. data/reference.txt)")
     if hparams["score_split"] not in SCORE_SPLITS:
         raise ConfigError(f"score_split={hparams['score_split']!r}: use one of {', '.join(SCORE_SPLITS)}")
     if hparams["score_split"] == "val" and hparams["val_size"] == 0:
@@ -206,19 +220,24 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
     return hparams
 
 
-def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = None) -> dict[str, Any]:
+def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = None,
+                text_columns: tuple[str, ...] = ()) -> dict[str, Any]:
     """Seeded subsets: validation carved out of train (disjoint), train and eval subsampled.
 
-    With ``sample_by`` (a column of the eval split), the eval subset takes whole groups of
-    rows sharing that column's value, in a seeded order, until it holds at least
-    ``eval_size`` rows: E2E keeps every reference of each meaning representation it scores,
-    so multi-reference BLEU sees all of them."""
+    With ``val_min_words``, validation takes only rows of ``text_columns`` that long, so that
+    a rate is selected on what the reported split looks like (SST-2's train is mostly short
+    phrases, its dev whole sentences). With ``sample_by`` (a column of the eval split), the
+    eval subset takes whole groups of rows sharing that column's value, in a seeded order,
+    until it holds at least ``eval_size`` rows: E2E keeps every reference of each meaning
+    representation it scores, so multi-reference BLEU sees all of them."""
     rng = np.random.default_rng(hparams["data_seed"])
     train_order = rng.permutation(len(splits["train"]))
     val_size = hparams["val_size"]
     if val_size >= len(train_order):
         raise ConfigError(f"val_size={val_size} leaves no training data ({len(train_order)} rows)")
-    rest = train_order[val_size:]
+    val_rows, rest = train_order[:val_size], train_order[val_size:]
+    if hparams.get("val_min_words", 0) and val_size:
+        val_rows, rest = long_rows_first(splits["train"], train_order, val_size, hparams["val_min_words"], text_columns)
     train_rows = rest[: hparams["train_size"]] if hparams["train_size"] else rest
     eval_rows = np.arange(len(splits["eval"]))
     if hparams["eval_size"] and hparams["eval_size"] < len(eval_rows):
@@ -237,9 +256,23 @@ def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = N
             eval_rows = np.sort(chosen)
     return {
         "train": splits["train"].select(np.sort(train_rows)),
-        "val": splits["train"].select(np.sort(train_order[:val_size])),
+        "val": splits["train"].select(np.sort(val_rows)),
         "eval": splits["eval"].select(eval_rows),
     }
+
+
+def long_rows_first(train, order: np.ndarray, val_size: int, min_words: int, text_columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``val_size`` rows of ``order`` with at least ``min_words`` words, and the rest in order."""
+    if not text_columns:
+        raise ConfigError(f"val_min_words={min_words} counts the words of a task's text columns, and this task has none: set val_min_words=0")
+    texts = [tasks.column(train, name) for name in text_columns]
+    words = np.array([sum(len(str(part).split()) for part in row) for row in zip(*texts)])
+    long_enough = order[words[order] >= min_words]
+    if len(long_enough) < val_size:
+        raise ConfigError(f"val_min_words={min_words}: only {len(long_enough)} training rows are that long, "
+                          f"fewer than val_size={val_size}; lower one of them")
+    chosen = long_enough[:val_size]
+    return chosen, order[~np.isin(order, chosen)]
 
 
 def pick_device(name: str) -> torch.device:
@@ -366,7 +399,7 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
                     device: torch.device, seed: int, out: Path, checkpointer: checkpoint.Checkpointer) -> None:
     """Load, train, score and save, filling in ``record``; input errors raise before training."""
     source = task.resolve_source(hparams["data_dir"], hparams["data_source"])
-    splits = split_sizes(task.load(hparams["data_dir"], source), hparams, task.sample_by)
+    splits = split_sizes(task.load(hparams["data_dir"], source), hparams, task.sample_by, task.text_columns)
     record["run"]["data_source"] = source
     if source == "local" and task.local_note:
         record["run"]["data_note"] = task.local_note
@@ -376,12 +409,12 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
     longest = max((len(example["input_ids"]) for example in encoded["train"]), default=1)
     estimate = sizing.estimate(task, variant, variant_cfg, hparams, (train_cfg.batch_size, longest))
     sizing.guard(estimate, device, hparams["memory_limit_mb"], f"{task.name}/{variant.name}")
+    reference, forgetting = forgetting_reference(task, tokenizer, hparams)
     model, tokenizer = load_model(task, hparams, tokenizer)
     if train_cfg.gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise ConfigError(f"gradient_checkpointing=true: {type(model).__name__} ({hparams['model']}) does not support it; "
                           "set gradient_checkpointing=false")
     model.to(device)
-    reference = forgetting_reference(task, tokenizer, hparams)
     if reference:
         with autocast(device, train_cfg.precision):
             forgetting_before = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
@@ -414,8 +447,7 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
             after = evaluate(model, reference, task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)["loss"]
     if reference:
         metrics["forgetting"] = after - forgetting_before
-        forgetting = {"reference": f"{FORGETTING_REFERENCE} eval split, first {hparams['forgetting_tokens']} tokens",
-                      "loss_before": forgetting_before, "loss_after": after}
+        forgetting.update(loss_before=forgetting_before, loss_after=after)
     record["train"]["wall_s"] = time.perf_counter() - started
     record["train"]["peak_memory_mb"], record["train"]["peak_memory_kind"] = checkpointer.peak_memory()
     if hasattr(variant, "report"):
@@ -432,7 +464,7 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
             record["eval"]["examples"] = per_example
     if task.sample_by and hparams["score_split"] == "eval":
         record["eval"]["inputs"] = len(set(tasks.column(splits["eval"], task.sample_by)))
-    if reference:
+    if forgetting:
         record["eval"]["forgetting"] = forgetting
     if extractor is not None:
         record["extraction"] = extraction_section(extractor, model, tokenizer, task, splits, encoded, hparams, train_cfg, device, out,
@@ -519,21 +551,33 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
     return section
 
 
-def forgetting_reference(task: tasks.Task, tokenizer, hparams: dict[str, Any]) -> list[dict]:
+def forgetting_reference(task: tasks.Task, tokenizer, hparams: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
     """Blocks of the reference text whose cross-entropy, before and after fine-tuning, measures
-    what a decoder run forgets (as PEFT's method comparison does); none for encoder tasks."""
+    what a decoder run forgets (as PEFT's method comparison does), and the record's note on it;
+    nothing for encoder tasks. Read before the model loads: a reference whose data is absent
+    costs no minutes, the run goes on and its record says forgetting was not measured, and why."""
     if not task.causal or not hparams["forgetting_tokens"]:
-        return []
-    reference = tasks.get(FORGETTING_REFERENCE)
-    text = reference.load(hparams["data_dir"], hparams["data_source"])["eval"]
-    blocks = tasks.encode_cached(reference, tokenizer, text, hparams["max_length"], "head", models.cache_dir() / "encoded")
-    kept, budget = [], hparams["forgetting_tokens"]
+        return [], {}
+    name, count = hparams["forgetting_reference"], hparams["forgetting_tokens"]
+    try:
+        if name in tasks.REGISTRY:
+            reference = tasks.get(name)
+            text = reference.load(hparams["data_dir"], hparams["data_source"])["eval"]
+            blocks = tasks.encode_cached(reference, tokenizer, text, hparams["max_length"], "head", models.cache_dir() / "encoded")
+            described = f"{name} eval split, first {count} tokens"
+        else:
+            rows = datasets.Dataset.from_dict({"text": lm.chunks(tasks.read_text(Path(name)))})
+            blocks, described = lm.encode(tokenizer, rows, hparams["max_length"]), f"{name}, first {count} tokens"
+    except (tasks.DataError, OSError) as error:
+        print(f"lorabench: forgetting not measured: {error}", file=sys.stderr, flush=True)
+        return [], {"reference": name, "measured": False, "reason": str(error)}
+    kept, budget = [], count
     for example in blocks:
         if budget <= 0:
             break
         kept.append({key: value[:budget] for key, value in example.items()})
         budget -= len(kept[-1]["input_ids"])
-    return kept
+    return kept, {"reference": described, "measured": True}
 
 
 def activation_mb(model, examples: list[dict], batch_size: int, pad_id: int, device: torch.device, precision: str) -> float:

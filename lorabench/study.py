@@ -35,7 +35,7 @@ SWEEPS = "sweeps"  # the folder of learning-rate sweep runs and their selection 
 # and keeps nothing it does not need to (no adapter, no extraction, no forgetting score).
 SWEEP_OVERRIDES = {"score_split": "val", "save_adapter": False, "extract": None, "forgetting_tokens": 0}
 # What decides the examples a run trains and is validated on: a sweep takes its final runs'.
-SAME_DATA = ("val_size", "train_size", "data_seed", "data_dir", "data_source")
+SAME_DATA = ("val_size", "val_min_words", "train_size", "data_seed", "data_dir", "data_source")
 
 
 @dataclass(frozen=True)

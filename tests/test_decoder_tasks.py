@@ -19,7 +19,7 @@ from analysis import significance
 from lorabench import models, run
 from lorabench.train import IGNORE_INDEX, collate, perplexity, shared_prompts
 from tasks import e2e, lm
-from tests.helpers import shared_data
+from tests.helpers import shared_data, tiny_e2e
 
 ROWS = [("name[Alimentum], area[city centre]", "Alimentum is in the city centre."),
         ("name[Alimentum], area[city centre]", "There is a place in the city centre, Alimentum."),
@@ -193,3 +193,24 @@ def test_converted_decoder_checkpoint_gives_the_gguf_models_tokens_and_logits():
     assert ids.tolist() == gguf_tokenizer(text, return_tensors="pt")["input_ids"].tolist()
     with torch.no_grad():
         assert torch.equal(converted.eval()(ids).logits, gguf.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("reference, message", [("sst2", "is a classification task"), ("shakespear", "neither a task")])
+def test_a_forgetting_reference_that_is_no_text_is_refused(reference, message):
+    with pytest.raises(run.ConfigError, match=message):
+        run.resolve_hparams("e2e", "lora", {"forgetting_reference": reference})
+
+
+def test_forgetting_without_its_reference_data_is_recorded_as_not_measured_and_a_file_can_be_the_reference(tmp_path):
+    data = tiny_e2e(tmp_path / "data")
+    reference_file = tmp_path / "reference.txt"
+    (data / "tinyshakespeare" / "input.txt").rename(reference_file)
+    small = {"max_steps": 1, "batch_size": 4, "train_size": 8, "eval_size": 4, "save_adapter": False, "threads": 2,
+             "timing_warmup_steps": 0, "forgetting_tokens": 64, "data_dir": str(data)}
+    absent = run.execute("e2e", "lora", 0, "default", small, tmp_path / "absent.json")
+    assert absent["status"] == "ok" and "forgetting" not in absent["eval"]["metrics"]
+    assert absent["eval"]["forgetting"]["measured"] is False
+    assert "tinyshakespeare/input.txt" in absent["eval"]["forgetting"]["reason"]
+    from_file = run.execute("e2e", "lora", 0, "default", {**small, "forgetting_reference": str(reference_file)}, tmp_path / "file.json")
+    assert from_file["eval"]["forgetting"]["measured"] is True and str(reference_file) in from_file["eval"]["forgetting"]["reference"]
+    assert from_file["eval"]["forgetting"]["loss_before"] > 0 and "forgetting" in from_file["eval"]["metrics"]

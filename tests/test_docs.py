@@ -5,7 +5,8 @@ from lorabench import docs
 
 
 def test_readme_table_is_current():
-    assert docs.readme_table() == docs.table(), "README's variants table is stale: run python -m lorabench.docs --write"
+    assert docs.readme_table() == docs.table(), \
+        "README's variants table is stale: make test regenerates it (python -m lorabench.docs --write); commit README.md"
 
 
 def test_every_variant_gives_the_table_a_formula_and_a_paper():

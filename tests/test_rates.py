@@ -137,6 +137,8 @@ def test_a_variant_without_a_grid_of_its_own_gets_factors_of_its_configured_rate
     for variant, layer in config("config")["hparams"]["variant"].items():  # centred on the default study's rates, as the hand grids
         tune["hparams"]["variant"].setdefault(variant, {})["lr"] = layer["lr"]
     by_factors = {(s.task, s.variant): sorted(dict(r.overrides)["lr"] for r in s.runs) for s in study.expand_sweeps(tune)}
-    assert set(by_factors) == set(by_hand) and set(explicit) == {variant for _, variant in by_hand}
+    assert set(by_factors) == set(by_hand)
     for key, grid in by_factors.items():
-        assert grid == by_hand[key][:4], key  # the hand grids add rates above 9p where a best rate was at the top
+        # The hand grids add rates above 9p where a best rate was at the top; a variant without one
+        # (a new file) has the factor grid in both.
+        assert grid == (by_hand[key][:4] if key[1] in explicit else by_hand[key]), key

@@ -190,3 +190,20 @@ def test_a_run_by_hand_writes_away_from_the_studys_records(monkeypatch, tmp_path
     run.main(["--task", "sst2", "--variant", "lora"])
     assert written == [records.record_path("results/manual", "sst2", "lora", "default", 0)]
     assert Path(written[0]).parts[:3] == ("results", "manual", "runs")
+
+
+def test_validation_is_carved_from_long_rows_only_when_asked():
+    import datasets
+    texts = [" ".join(["word"] * (1 + row % 12)) for row in range(120)]
+    splits = {"train": datasets.Dataset.from_dict({"sentence": texts, "label": [row % 2 for row in range(120)]}),
+              "eval": datasets.Dataset.from_dict({"sentence": ["a b"], "label": [0]})}
+    hparams = {"data_seed": 3, "val_size": 10, "train_size": 0, "eval_size": 0}
+    plain = run.split_sizes(splits, hparams, text_columns=("sentence",))
+    assert min(len(text.split()) for text in plain["val"]["sentence"]) < 10
+    long_only = run.split_sizes(splits, {**hparams, "val_min_words": 10}, text_columns=("sentence",))
+    assert len(long_only["val"]) == 10 and all(len(text.split()) >= 10 for text in long_only["val"]["sentence"])
+    # nothing is lost: every row either validates or trains, once
+    assert len(long_only["train"]) + len(long_only["val"]) == len(splits["train"])
+    assert long_only["train"].num_rows == 110
+    with pytest.raises(ConfigError, match="val_min_words=13: only 0"):
+        run.split_sizes(splits, {**hparams, "val_min_words": 13}, text_columns=("sentence",))
