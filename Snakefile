@@ -95,6 +95,7 @@ rule train:
         sets=lambda wildcards: run_of(wildcards).cli_sets(),
         selection=lambda wildcards, input: f"--selection {input.selection}" if "selection" in input.keys() else "",
         rates=lambda wildcards: run_of(wildcards).cli_rates(),
+        task_spec=lambda wildcards: run_of(wildcards).cli_task(),
     # Two training jobs at a time, each with half the cores: on a 2-core CPU two one-thread
     # jobs get through the default study faster than one two-thread job (README, "Performance").
     # A profile's set-threads (train=N) overrides this.
@@ -107,7 +108,7 @@ rule train:
         runtime=60,
         gpu=0,
     shell:
-        "python -m lorabench.run --task {wildcards.task} --variant {wildcards.variant}"
+        "python -m lorabench.run --task {wildcards.task} {params.task_spec} --variant {wildcards.variant}"
         " --setting {wildcards.setting} --seed {wildcards.seed} --out {output}"
         " {params.selection} {params.rates} --set threads={threads} {params.sets} > {log} 2>&1"
 

@@ -39,7 +39,7 @@ import yaml
 
 import tasks
 import variants
-from tasks import lm
+from tasks import files, lm
 from lorabench import adapters, checkpoint, extract, measure, models, quantize, rates, records, sizing, sweep
 from lorabench.registry import UnknownNameError
 from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, predict, resolve_precision, task_loss, train
@@ -203,7 +203,7 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
                           "nor a file path: name a language-modelling task or a plain-text file (e.g. data/reference.txt)")
     if hparams["score_split"] not in SCORE_SPLITS:
         raise ConfigError(f"score_split={hparams['score_split']!r}: use one of {', '.join(SCORE_SPLITS)}")
-    if hparams["score_split"] == "val" and hparams["val_size"] == 0:
+    if hparams["score_split"] == "val" and hparams["val_size"] == 0 and not task.has_validation:
         raise ConfigError("score_split=val scores the validation split carved from train, and val_size=0 carves none: set val_size")
     if not 0 <= hparams["warmup_ratio"] < 1:
         raise ConfigError(f"warmup_ratio={hparams['warmup_ratio']} must be in [0, 1)")
@@ -222,7 +222,8 @@ def resolve_hparams(task_name: str, variant_name: str, overrides: dict[str, Any]
 
 def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = None,
                 text_columns: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Seeded subsets: validation carved out of train (disjoint), train and eval subsampled.
+    """Seeded subsets: validation carved out of train (disjoint) unless the task has a validation
+    split of its own (then ``val_size`` rows of it, 0: all), train and eval subsampled.
 
     With ``val_min_words``, validation takes only rows of ``text_columns`` that long, so that
     a rate is selected on what the reported split looks like (SST-2's train is mostly short
@@ -236,7 +237,13 @@ def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = N
     if val_size >= len(train_order):
         raise ConfigError(f"val_size={val_size} leaves no training data ({len(train_order)} rows)")
     val_rows, rest = train_order[:val_size], train_order[val_size:]
-    if hparams.get("val_min_words", 0) and val_size:
+    validation = splits["train"]
+    if "validation" in splits:  # a split of its own (a task declared with one): train keeps every row
+        validation, rest = splits["validation"], train_order
+        val_rows = np.arange(len(validation))
+        if val_size and val_size < len(validation):
+            val_rows = rng.permutation(len(validation))[:val_size]
+    elif hparams.get("val_min_words", 0) and val_size:
         val_rows, rest = long_rows_first(splits["train"], train_order, val_size, hparams["val_min_words"], text_columns)
     train_rows = rest[: hparams["train_size"]] if hparams["train_size"] else rest
     eval_rows = np.arange(len(splits["eval"]))
@@ -256,7 +263,7 @@ def split_sizes(splits: dict, hparams: dict[str, Any], sample_by: str | None = N
             eval_rows = np.sort(chosen)
     return {
         "train": splits["train"].select(np.sort(train_rows)),
-        "val": splits["train"].select(np.sort(val_rows)),
+        "val": validation.select(np.sort(val_rows)),
         "eval": splits["eval"].select(eval_rows),
     }
 
@@ -378,6 +385,8 @@ def execute(task_name: str, variant_name: str, seed: int, setting: str, override
                    "seed": seed, "hparams": hparams, "config_hash": records.config_hash(hashed)}
     if selection is not None:
         run_section["selection"] = selection
+    if task.declared is not None:
+        run_section["task_spec"] = task.declared
     record = records.new_record(run_section, environment(device))
     checkpointer = checkpoint.Checkpointer(out, run_section["config_hash"], train_cfg.checkpoint_every, device, train_cfg.precision)
 
@@ -616,7 +625,9 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorabench.run", description=__doc__.split("\n\n")[0],
                                      epilog=hyper_parameter_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, help=f"one of: {', '.join(tasks.REGISTRY)}")
+    parser.add_argument("--task", required=True, help=f"one of: {', '.join(tasks.REGISTRY)}, or a name --task-spec declares")
+    parser.add_argument("--task-spec", help="declare --task from your own files: a study config's datasets entry, as JSON or a "
+                                            "YAML file (tasks/files.py)")
     parser.add_argument("--variant", required=True, help=f"one of: {', '.join(variants.REGISTRY)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--setting", default="default", help="name of the hyper-parameter setting (a folder of the record path)")
@@ -633,12 +644,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else records.record_path(args.results, args.task, args.variant, args.setting, args.seed)
     try:
+        if args.task_spec:
+            spec_text = Path(args.task_spec).read_text() if Path(args.task_spec).suffix in (".yaml", ".yml") else args.task_spec
+            files.declare(args.task, yaml.safe_load(spec_text), "--task-spec")
         if args.rates:
             selection = rates.selection_for(args.rates, args.task, args.variant)
         else:
             selection = sweep.read_selection(args.selection) if args.selection else None
         record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out, selection)
-    except (ConfigError, tasks.DataError, adapters.AdapterError, quantize.QuantizeError, UnknownNameError, FileNotFoundError,
+    except (ConfigError, tasks.DataError, files.DeclarationError, adapters.AdapterError, quantize.QuantizeError, UnknownNameError, FileNotFoundError,
             sweep.SelectionError, checkpoint.CheckpointError, sizing.SizingError, rates.RatesError) as error:
         print(f"lorabench.run: error: {error}", file=sys.stderr)
         return 2

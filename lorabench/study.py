@@ -18,6 +18,7 @@ sweep's selection file (``lorabench.sweep``).
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ import yaml
 import tasks
 import variants
 from lorabench.run import ConfigError, resolve_hparams
+from tasks import files
 
 
 RUNS = "runs"  # the folder of the study's runs, which analysis reads
@@ -71,6 +73,11 @@ class Run:
         """``key=value`` words for ``lorabench.run --set``, each shell-quoted."""
         return " ".join(shlex.quote(f"{key}={_yaml_scalar(value)}") for key, value in self.overrides)
 
+    def cli_task(self) -> str:
+        """``--task-spec JSON`` for a task the study's config declares (``datasets``), else nothing."""
+        declared = tasks.get(self.task).declared
+        return f"--task-spec {shlex.quote(json.dumps(declared, sort_keys=True))}" if declared is not None else ""
+
     def cli_rates(self) -> str:
         """``--rates FILE`` for a run at its tuned rate, else nothing."""
         return f"--rates {shlex.quote(self.rates)}" if self.rates else ""
@@ -113,9 +120,20 @@ def _check_names(names: list[str], kind: str, where: str) -> None:
         raise ConfigError(f"config {where}: unknown {kind} {unknown}; known {kind}: {', '.join(registry)}")
 
 
+def declare_datasets(config: dict[str, Any]) -> None:
+    """Register the tasks the study declares from files (``datasets``, tasks/files.py)."""
+    for name, spec in (config.get("datasets") or {}).items():
+        try:
+            files.declare(name, spec, "config 'datasets'")
+        except (files.DeclarationError, tasks.DataError) as error:
+            raise ConfigError(str(error)) from error
+
+
 def resolved(config: dict[str, Any]) -> dict[str, Any]:
     """The study with ``variants: all`` spelt out: every discovered variant but those in
-    ``exclude_variants``, so that a new variant file joins every such study with no edit."""
+    ``exclude_variants``, so that a new variant file joins every such study with no edit;
+    its declared data sets registered as tasks."""
+    declare_datasets(config)
     if config["variants"] != "all":
         return config
     excluded = config.get("exclude_variants", [])
@@ -203,7 +221,7 @@ def expand_sweeps(config: dict[str, Any]) -> list[Sweep]:
             grid = [float(f"{factor * hparams['lr']:.2g}") for factor in grid["factors"]]
         if hparams["max_steps"] == 0 and hparams["epochs"] == 0:
             raise ConfigError(f"{where}: the setting trains no step (max_steps=0); leave it out of lr_sweep.settings")
-        if hparams["val_size"] == 0:
+        if hparams["val_size"] == 0 and not tasks.get(task).has_validation:
             raise ConfigError(f"{where}: val_size=0, and a sweep selects on a validation split carved from train; "
                               "set val_size in the study's hparams (all or task), so that its final runs train on the same examples")
         if "max_steps" in spec.get("hparams", {}) and hparams["epochs"] > 0:

@@ -142,6 +142,13 @@ class Task:
     # eval.examples for the analysis's bootstrap (E2E: BLEU's n-gram counts).
     generation_metrics: Callable[..., dict[str, float] | tuple[dict[str, float], dict[str, list]]] | None = None
     local_note: str = ""
+    declared: dict[str, Any] | None = None  # a task declared in a study config: its entry (tasks/files.py)
+
+    @property
+    def has_validation(self) -> bool:
+        """A validation split of its own (a declared task's), used instead of carving one out of train."""
+        declared = self.declared or {}
+        return "validation" in declared or "validation" in declared.get("splits", {})
 
     @property
     def causal(self) -> bool:
@@ -150,6 +157,8 @@ class Task:
         """``hub`` or ``local``: ``auto`` is local when a data folder is given."""
         if data_source not in DATA_SOURCES:
             raise DataError(f"data_source={data_source!r}; choose one of {', '.join(DATA_SOURCES)}")
+        if self.declared is not None:  # its entry says where its rows are
+            return "hub" if "hub" in self.declared else "local"
         if data_source == "auto":
             return "local" if (data_dir or os.environ.get("LORABENCH_DATA")) else "hub"
         return data_source
@@ -165,6 +174,8 @@ class Task:
                     f"task {self.name}: the Hub is unreachable ({error}); offline, set data_dir or LORABENCH_DATA "
                     f"to a folder with local copies laid out as {self.local_layout}"
                 ) from error
+        if self.declared is not None:
+            return self.load_local(None)
         if data_dir is None:
             raise DataError("data_source=local needs data_dir (or the LORABENCH_DATA environment variable)")
         return self.load_local(Path(data_dir).expanduser())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -26,7 +27,7 @@ import torch
 
 from tasks import DataError, Task, column, text_lines
 
-PROMPT = "Meaning representation: {mr}\nDescription:"
+PROMPT = "Meaning representation: {input}\nDescription:"
 COLUMNS = ("meaning_representation", "human_reference")
 
 
@@ -55,17 +56,42 @@ def e2e_hub() -> dict[str, datasets.Dataset]:
     return {"train": loaded["train"].select_columns(list(COLUMNS)), "eval": loaded["test"].select_columns(list(COLUMNS))}
 
 
-def encode(tokenizer, dataset: datasets.Dataset, max_length: int) -> list[dict]:
-    """Prompt and reference as one sequence; labels -100 on the prompt, so only the
-    description is learnt and scored."""
-    prompts = tokenizer([PROMPT.format(mr=mr) for mr in column(dataset, "meaning_representation")], add_special_tokens=False)["input_ids"]
-    targets = tokenizer([" " + ref for ref in column(dataset, "human_reference")], add_special_tokens=False)["input_ids"]
-    examples = []
-    for prompt, target in zip(prompts, targets):
-        ids = (prompt + target + [tokenizer.eos_token_id])[:max_length]
-        labels = ([-100] * len(prompt) + target + [tokenizer.eos_token_id])[:max_length]
-        examples.append({"input_ids": ids, "labels": labels})
-    return examples
+@dataclass(frozen=True)
+class PromptedGeneration:
+    """A generation task's examples and scores: ``prompt`` (with ``{input}``) filled from the
+    ``source`` column, ``target`` the reference; inputs repeated with other references are
+    scored once against all of them. E2E is one; a task declared in a study config another."""
+
+    prompt: str
+    source: str
+    target: str
+
+    def encode(self, tokenizer, dataset: datasets.Dataset, max_length: int) -> list[dict]:
+        """Prompt and reference as one sequence; labels -100 on the prompt, so only the
+        reference is learnt and scored."""
+        prompts = tokenizer([self.prompt.format(input=text) for text in column(dataset, self.source)], add_special_tokens=False)["input_ids"]
+        targets = tokenizer([" " + ref for ref in column(dataset, self.target)], add_special_tokens=False)["input_ids"]
+        examples = []
+        for prompt, target in zip(prompts, targets):
+            ids = (prompt + target + [tokenizer.eos_token_id])[:max_length]
+            labels = ([-100] * len(prompt) + target + [tokenizer.eos_token_id])[:max_length]
+            examples.append({"input_ids": ids, "labels": labels})
+        return examples
+
+    def metrics(self, model, tokenizer, dataset: datasets.Dataset, device: torch.device,
+                batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
+        """BLEU and ROUGE-L of greedy generations, one per distinct input, and BLEU's statistics per input."""
+        grouped: dict[str, list[str]] = {}
+        for text, ref in zip(column(dataset, self.source), column(dataset, self.target)):
+            grouped.setdefault(text, []).append(ref)
+        hypotheses = generate(model, tokenizer, [self.prompt.format(input=text) for text in grouped], device, batch_size, max_new_tokens=80)
+        references = list(grouped.values())
+        inputs = [hashlib.sha1(text.encode()).hexdigest()[:12] for text in grouped]  # which inputs, so that runs pair up only on the same ones
+        return bleu_and_rouge(hypotheses, references), {"bleu_stats": bleu_statistics(hypotheses, references), "input": inputs}
+
+
+E2E = PromptedGeneration(PROMPT, *COLUMNS)
+encode = E2E.encode
 
 
 def bleu_and_rouge(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -116,18 +142,6 @@ def generate(model, tokenizer, prompts: list[str], device: torch.device, batch_s
     return [texts[i] for i in range(len(prompts))]
 
 
-def generation_metrics(model, tokenizer, dataset: datasets.Dataset, device: torch.device,
-                       batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
-    """BLEU and ROUGE-L of greedy generations, one per MR, and BLEU's statistics per MR."""
-    grouped: dict[str, list[str]] = {}
-    for mr, ref in zip(column(dataset, "meaning_representation"), column(dataset, "human_reference")):
-        grouped.setdefault(mr, []).append(ref)
-    hypotheses = generate(model, tokenizer, [PROMPT.format(mr=mr) for mr in grouped], device, batch_size, max_new_tokens=80)
-    references = list(grouped.values())
-    inputs = [hashlib.sha1(mr.encode()).hexdigest()[:12] for mr in grouped]  # which MRs, so that runs pair up only on the same ones
-    return bleu_and_rouge(hypotheses, references), {"bleu_stats": bleu_statistics(hypotheses, references), "input": inputs}
-
-
 TASKS = [
     Task(
         name="e2e",
@@ -143,8 +157,8 @@ TASKS = [
         local_layout="e2e/{devset,testset_w_refs}.csv (header: mr, ref)",
         eval_split_name="test",
         defaults={"max_length": 128, "eval_batch_size": 32},
-        make_examples=encode,
-        generation_metrics=generation_metrics,
+        make_examples=E2E.encode,
+        generation_metrics=E2E.metrics,
         sample_by="meaning_representation",
         local_note="offline copy: trained on E2E's devset.csv (the 42,061-reference training set is not in it), scored on testset_w_refs.csv",
     ),

@@ -64,12 +64,24 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert result.returncode != 0 and "lr" in result.stdout + result.stderr
 
 
+def declared_reviews(folder: Path) -> dict:
+    """A sentiment CSV of 200 rows (word lists that give the label away) and its datasets entry."""
+    good, bad = ["great", "moving", "wonderful", "funny"], ["dull", "boring", "awful", "tedious"]
+    rows = [(f"a {words[i % 4]} and {words[(i + 1) % 4]} film, take {i}", label) for i in range(100)
+            for words, label in ((good, "positive"), (bad, "negative"))]
+    (folder / "reviews.csv").write_text("review,sentiment\n" + "".join(f'"{text}",{label}\n' for text, label in rows))
+    return {"kind": "classification", "train": str(folder / "reviews.csv"), "eval": str(folder / "reviews.csv"),
+            "text": "review", "label": "sentiment", "metric": "f1"}
+
+
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory) -> Path:
     """The smoke study, plus a setting that diverges, run once by Snakemake for this module."""
     folder = tmp_path_factory.mktemp("smoke")
     config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
     config["settings"]["diverges"] = {"variants": ["full"], "hparams": {"lr": 1.0e30, "max_steps": 3, "save_adapter": False}}
+    config["datasets"] = {"reviews": declared_reviews(folder)}  # a task from a CSV, declared in the config alone
+    config["tasks"].append("reviews")
     (folder / "study.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(folder, "--configfile", str(folder / "study.yaml"), "--cores", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -86,6 +98,8 @@ def test_smoke_dag_end_to_end(smoke_study):
     stored = records.read_all(results)
     assert sorted((r["run"]["task"], r["run"]["variant"], r["run"]["setting"], r["status"]) for r in stored) == [
         ("e2e", "full", "default", "ok"), ("e2e", "full", "diverges", "failed"), ("e2e", "lora", "base", "ok"), ("e2e", "lora", "default", "ok"),
+        ("reviews", "full", "default", "ok"), ("reviews", "full", "diverges", "failed"), ("reviews", "lora", "base", "ok"),
+        ("reviews", "lora", "default", "ok"),
         ("sst2", "full", "default", "ok"), ("sst2", "full", "diverges", "failed"), ("sst2", "lora", "base", "ok"), ("sst2", "lora", "default", "ok")]
     e2e = next(r for r in stored if r["run"]["task"] == "e2e" and r["run"]["setting"] == "default" and r["run"]["variant"] == "lora")
     assert {"bleu", "rouge_l", "perplexity", "forgetting"} <= set(e2e["eval"]["metrics"]) and e2e["run"]["model"] == "smollm2"
@@ -97,6 +111,10 @@ def test_smoke_dag_end_to_end(smoke_study):
                     "## Failed runs", "## Hyper-parameters"):
         assert section in report, section
     assert "lora" in report and "full" in report and "DivergedError" in report
+    reviews = next(r for r in stored if r["run"]["task"] == "reviews" and r["run"]["setting"] == "default" and r["run"]["variant"] == "lora")
+    assert reviews["eval"]["primary"] == "f1" and reviews["run"]["task_spec"]["train"].endswith("reviews.csv")
+    leaderboard = (results / "tables" / "leaderboard.md").read_text()
+    assert "reviews" in leaderboard and "reviews" in report  # the declared task is a column like any other
     for table in ("leaderboard", "summary", "glue"):
         assert all((results / "tables" / f"{table}.{ext}").exists() for ext in ("csv", "md", "tex"))
     assert (results / "benchmarks" / "runs" / "sst2" / "lora" / "default" / "seed0.tsv").exists()

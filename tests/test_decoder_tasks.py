@@ -61,7 +61,7 @@ def test_e2e_local_files_give_the_hubs_examples(tmp_path, monkeypatch):
 def test_e2e_examples_learn_the_description_only():
     dataset = datasets.Dataset.from_dict({"meaning_representation": [ROWS[0][0]], "human_reference": [ROWS[0][1]]})
     (example,) = e2e.encode(ToyTokenizer(), dataset, 64)
-    prompt = ToyTokenizer()([e2e.PROMPT.format(mr=ROWS[0][0])])["input_ids"][0]
+    prompt = ToyTokenizer()([e2e.PROMPT.format(input=ROWS[0][0])])["input_ids"][0]
     assert example["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
     assert example["labels"][len(prompt) :] == example["input_ids"][len(prompt) :]
     assert example["input_ids"][-1] == ToyTokenizer.eos_token_id
@@ -188,7 +188,7 @@ def test_converted_decoder_checkpoint_gives_the_gguf_models_tokens_and_logits():
     converted, converted_tokenizer = models.load_causal_lm("smollm2", "package")
     gguf = transformers.AutoModelForCausalLM.from_pretrained(named.package_dir(), gguf_file=named.gguf_file, dtype=torch.float32)
     gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(named.package_dir(), gguf_file=named.gguf_file)
-    text = e2e.PROMPT.format(mr=ROWS[0][0]) + " " + ROWS[0][1]
+    text = e2e.PROMPT.format(input=ROWS[0][0]) + " " + ROWS[0][1]
     ids = converted_tokenizer(text, return_tensors="pt")["input_ids"]
     assert ids.tolist() == gguf_tokenizer(text, return_tensors="pt")["input_ids"].tolist()
     with torch.no_grad():
