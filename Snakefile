@@ -11,6 +11,7 @@ Threads, memory and GPUs per job come from the profile; the study (what to run) 
 import os
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from lorabench import study
@@ -37,6 +38,14 @@ validate(config, "config/schema.yaml")
 # A tuned-rates file named relative to the workflow, as config files are.
 if config.get("rates"):
     config["rates"] = os.path.join(workflow.basedir, config["rates"])
+
+# Two training jobs at a time, each with half the cores: on a 2-core CPU two one-thread jobs get
+# through the default study faster than one two-thread job (docs/performance.md). A cluster
+# executor has no local cores to halve: there the profile's set-threads decides (profiles/slurm*).
+try:
+    HALF_THE_CORES = max(1, workflow.cores // 2)
+except WorkflowError:
+    HALF_THE_CORES = 1
 
 RESULTS = config["results"]
 STUDY = study.expand(config)
@@ -96,10 +105,8 @@ rule train:
         selection=lambda wildcards, input: f"--selection {input.selection}" if "selection" in input.keys() else "",
         rates=lambda wildcards: run_of(wildcards).cli_rates(),
         task_spec=lambda wildcards: run_of(wildcards).cli_task(),
-    # Two training jobs at a time, each with half the cores: on a 2-core CPU two one-thread
-    # jobs get through the default study faster than one two-thread job (README, "Performance").
     # A profile's set-threads (train=N) overrides this.
-    threads: max(1, workflow.cores // 2)
+    threads: HALF_THE_CORES
     priority: lambda wildcards: run_of(wildcards).priority
     conda:
         ENV

@@ -387,8 +387,16 @@ def write_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataF
         write_csv(table, tables / f"{name}.csv")
         files.write_text_atomic(tables / f"{name}.md", markdown_file(table))
         files.write_text_atomic(tables / f"{name}.tex", latex_table(table))
-    extraction.write_tables(results_dir)
+    write_extraction_tables(results_dir)
     return long, summary
+
+
+def write_extraction_tables(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """``analysis.extraction``'s tables, as CSV beside the others."""
+    found = extraction.tables(results_dir)
+    for name, table in found.items():
+        write_csv(table, Path(results_dir, "tables", f"{name}.csv"))
+    return found
 
 
 def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:

@@ -99,6 +99,7 @@ def render(
         return "\n\n".join(["# lorabench report", "No run records under `runs/` yet.", "## Failed runs\n\nnone"]) + "\n"
     sections = [
         header(runs),
+        floor_note(leaderboard(summary, tests)),
         environment(runs),
         leaderboards(summary, tests),
         seed_figure(SEED_FIGURE in figures, tests),
@@ -136,6 +137,33 @@ def header(runs: pd.DataFrame) -> str:
         )
     lines += ["", "Hyper-parameters that differ between runs are listed at the end."]
     return "\n".join(lines)
+
+
+def floor_note(board: pd.DataFrame) -> str:
+    """At the top: how many scores are not significantly above their floors (the majority class,
+    the untrained model), so that a study too short to mean anything says so before any ranking."""
+    if "above_floors" not in board.columns:
+        return ""
+    tested = board["above_floors"].dropna()
+    at_floor = sum(_at_floor(value) for value in tested)
+    if tested.empty or not at_floor:
+        return ""
+    if at_floor == len(tested):
+        return (f"**No score in this study is significantly above its floors** (the majority class or the untrained model; "
+                f"{AT_FLOOR} below): its runs are too short or too few to mean anything, so its rankings and ratios are noise. "
+                "It checks the pipeline, not the methods.")
+    return (f"**{at_floor} of {len(tested)} scores are not significantly above their floors** (the majority class or the "
+            f"untrained model; marked {AT_FLOOR}): read their places in the rankings as noise.")
+
+
+def _at_floor(value) -> bool:
+    """An ``above_floors`` verdict that is False (not None or NaN: untested)."""
+    return value is not None and not pd.isna(value) and not bool(value)
+
+
+def _floor_mark(row) -> str:
+    """Beside a score in a sentence: says when it is not significantly above its floors."""
+    return f" {AT_FLOOR} (not significantly above its floors)" if _at_floor(getattr(row, "above_floors", None)) else ""
 
 
 def environment(runs: pd.DataFrame) -> str:
@@ -193,7 +221,7 @@ def leaderboards(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> st
         columns = {
             "#": rows["place"].to_numpy(),
             "variant": [variant_label(v, s) for v, s in zip(rows["variant"], rows["setting"])],
-            metric_name(rows["primary_metric"].iloc[0]): [score_text(value, scale) + (f" {AT_FLOOR}" if above is False else "")
+            metric_name(rows["primary_metric"].iloc[0]): [score_text(value, scale) + (f" {AT_FLOOR}" if _at_floor(above) else "")
                                                           for value, above in zip(rows["score_mean"], rows["above_floors"])],
             "95% CI ±": [score_text(value, scale) for value in rows["score_ci95_t"]],
             "seeds": rows["n_seeds"].to_numpy(),
@@ -368,26 +396,31 @@ def findings(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> str:
         fmt = partial(score_text, scale=_scale(rows["score_mean"]))
         best = ranked.iloc[0]
         text = [f"**{task}** ({metric}): best is {variant_label(best.variant, best.setting)} at {fmt(best.score_mean)} (n={best.n_seeds})"
-                + _tied_with_best(ranked, best) + "."]
+                + _floor_mark(best) + _tied_with_best(ranked, best) + "."]
         full = full_reference(ranked)
         base = rows[(rows["setting"] == BASE_SETTING)].dropna(subset=["score_mean"])
         if full is None:
             text.append("Full fine-tuning has no successful run here, so nothing is compared with it.")
         else:
-            text.append(f"Full fine-tuning{_setting_note(full)} scores {fmt(full.score_mean)} with {full.trainable:,.0f} trainable parameters.")
+            text.append(f"Full fine-tuning{_setting_note(full)} scores {fmt(full.score_mean)}{_floor_mark(full)} "
+                        f"with {full.trainable:,.0f} trainable parameters.")
         if len(base):
             text.append(f"The untrained model scores {fmt(base['score_mean'].iloc[0])}.")
         front = ranked[ranked["pareto"]].sort_values("trainable")
         if len(front):
             text.append("Pareto front, by size: " + ", ".join(
-                f"{variant_label(row.variant, row.setting)} ({fmt(row.score_mean)}, {_params(row.trainable)})" for row in front.itertuples()) + ".")
+                f"{variant_label(row.variant, row.setting)} ({fmt(row.score_mean)}{' ' + AT_FLOOR if _at_floor(row.above_floors) else ''}, "
+                f"{_params(row.trainable)})" for row in front.itertuples()) + ".")
         if full is not None:
             others = ranked[ranked["variant"] != FULL]
             close = others[others["pct_of_full_score"] >= 99]
             if len(close):
                 smallest = close.sort_values("trainable").iloc[0]
+                floors = [_at_floor(smallest.get("above_floors")), _at_floor(full.get("above_floors"))]
                 text.append(f"The smallest run reaching 99% of full's score is {variant_label(smallest.variant, smallest.setting)}: "
-                            f"{fmt(smallest.score_mean)} with {smallest.pct_of_full_params:.3g}% of full's trainable parameters.")
+                            f"{fmt(smallest.score_mean)} with {smallest.pct_of_full_params:.3g}% of full's trainable parameters"
+                            + (f" ({'both are' if all(floors) else 'one is'} not significantly above the floors, "
+                               "so the match says nothing)." if any(floors) else "."))
             elif others["pct_of_full_score"].notna().any():
                 text.append("No parameter-efficient run reaches 99% of full's score.")
             gain = (full.score_mean - base["score_mean"].iloc[0]) * (-1 if lower else 1) if len(base) else math.nan
@@ -425,7 +458,11 @@ def cost_findings(summary: pd.DataFrame) -> str:
             if ratios.empty:
                 continue
             low, high = trained.loc[ratios.idxmin()], trained.loc[ratios.idxmax()]
-            sentences.append(f"{label.split(' /')[0]} from {ratios.min():.2f}x ({variant_label(low.variant, low.setting)}) "
+            measure = label.split(' /')[0]
+            if len(ratios) == 1:  # one variant: a value, not a range
+                sentences.append(f"{measure} {ratios.iloc[0]:.2f}x ({variant_label(low.variant, low.setting)})")
+                continue
+            sentences.append(f"{measure} from {ratios.min():.2f}x ({variant_label(low.variant, low.setting)}) "
                              f"to {ratios.max():.2f}x ({variant_label(high.variant, high.setting)})")
         unmeasured = [variant_label(row["variant"], row["setting"]) for row in [full, *(row for _, row in trained.iterrows())]
                       if pd.isna(row["tokens_per_s"]) and row["n_seeds"] > 0]

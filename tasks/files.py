@@ -125,7 +125,7 @@ def task_from(name: str, spec: dict[str, Any], where: str) -> Task:
         load_hub=source.hub,
         load_local=source.local,
         local_layout=source.layout(),
-        eval_split_name="eval",
+        eval_split_name=f"eval ({Path(spec['eval']).name})" if "eval" in spec else f"eval ({spec.get('splits', {}).get('eval', 'test')})",
         make_examples=generation.encode if generation else (lm.encode if kind == "language_modeling" else None),
         generation_metrics=generation.metrics if generation else None,
         sample_by=text[0] if generation else None,
@@ -182,10 +182,14 @@ class Source:
     def hub(self) -> dict[str, datasets.Dataset]:
         splits = self.spec.get("splits", {"train": "train", "eval": "test"})
         loaded = datasets.load_dataset(self.spec["hub"], self.spec.get("config"))
-        columns = [*self.text, self.label] if self.kind != "language_modeling" else ["text"]
+        text = self.spec.get("text", "text")
+        document = text if isinstance(text, str) else text[0]  # language modelling: the column holding the text
+        columns = [*self.text, self.label] if self.kind != "language_modeling" else [document]
         out = {}
         for key, split in splits.items():
             rows = loaded[split].select_columns(list(dict.fromkeys(columns)))
+            if self.kind == "language_modeling" and document != "text":
+                rows = rows.rename_column(document, "text")
             out[SPLIT_KEYS[key]] = self._typed(rows.to_dict(), f"{self.spec['hub']}[{split}]", lines=None)
         return out
 
@@ -252,9 +256,12 @@ class Source:
             ids = {name: i for i, name in enumerate(self.label_names())}
             labels = []
             for i, value in enumerate(values):
-                if str(value) not in ids:
+                if str(value) in ids:
+                    labels.append(ids[str(value)])
+                elif lines is None and isinstance(value, int) and 0 <= value < len(ids):  # a Hub ClassLabel holds ids
+                    labels.append(value)
+                else:
                     raise DataError(f"{where(i)}: label {value!r} is not one of {list(ids)}; fix the row or {self.where}.labels")
-                labels.append(ids[str(value)])
             columns[self.label] = labels
         elif self.kind == "regression":
             numbers = []

@@ -301,7 +301,7 @@ def test_extraction_tables_and_figures_from_known_records(tmp_path):
     write_extraction_run(tmp_path, 50, evaluations)
     write_extraction_run(tmp_path, 10, [])
     write_run(tmp_path, "sst2", "lora", 0, 0.85, trainable=2500)
-    found = extraction.write_tables(tmp_path)
+    found = aggregate.write_extraction_tables(tmp_path)
     layers = found["extraction_layers"]
     assert len(layers) == 2 * (2 + 10) and set(layers["layer_type"]) == {"query", "MLP out"}
     assert layers.set_index(["setting", "step", "layer_type"]).loc[("every50", 100, "MLP out"), "rank"] == 8
@@ -313,14 +313,14 @@ def test_extraction_tables_and_figures_from_known_records(tmp_path):
     kept = extraction.retained(found["extraction_scores"], summary).iloc[0]
     assert kept["retained %"] == pytest.approx(90.0) and kept["LoRA score"] == 0.85 and kept["mean rank"] == 6.0
 
-    rank_figure = extraction.rank_vs_variance(found["extraction_spectrum"], found["extraction_layers"])
+    rank_figure = plots.rank_vs_variance(found["extraction_spectrum"], found["extraction_layers"])
     left, right = rank_figure.axes[:2]
     assert left.get_xlabel() == "rank r (log scale)" and right.get_ylabel() == "rank chosen (mean over matrices)"
     assert len(left.get_lines()) >= 2  # one line per layer type
-    kept_figure = extraction.score_vs_rank(found["extraction_scores"], summary)
+    kept_figure = plots.score_vs_rank(found["extraction_scores"], summary)
     labels = kept_figure.axes[0].get_legend_handles_labels()[1]
     assert {"extracted (rank r everywhere)", "LoRA trained at rank r", "full fine-tuning"} <= set(labels)
-    cost_figure = extraction.overhead_vs_interval(found["extraction_overhead"])
+    cost_figure = plots.overhead_vs_interval(found["extraction_overhead"])
     assert [ax.get_ylabel() for ax in cost_figure.axes[:2]] == ["% of training time", "% of training FLOPs"]
     for name, figure in {"a": rank_figure, "b": kept_figure, "c": cost_figure}.items():
         assert all(path.stat().st_size > 0 for path in plots.save(figure, tmp_path / "figures" / name))
@@ -401,3 +401,39 @@ def test_a_run_that_timed_no_step_shows_tokens_per_s_as_not_measured(tmp_path):
     memory, _, speed = plots.cost_vs_full(summary).axes
     assert len(memory.containers) == 2 and not speed.containers  # no bar of 0 for vera's old record
     assert [label.get_text() for label in speed.texts] == [" not measured", " not measured"]
+
+
+def test_analysis_modules_import_one_way():
+    """records -> tables (aggregate, extraction, significance) -> figures (plots) -> report: no module
+    imports one that imports it back, at the top or inside a function."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(aggregate.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "analysis":
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("analysis."):
+                found.add(node.module.split(".")[1])
+        imports[path.stem] = found
+
+    def reaches(start, goal, seen=()):
+        return any(step == goal or (step not in seen and reaches(step, goal, (*seen, step))) for step in imports.get(start, ()))
+
+    assert not [name for name in imports if reaches(name, name)], imports
+    assert imports["extraction"] == set() and imports["significance"] == set()
+
+
+def test_a_cost_range_over_one_variant_is_one_value():
+    def row(variant, memory, activation, speed):
+        return {"task": "sst2", "variant": variant, "setting": "default", "score_mean": 0.8, "peak_memory_mb": memory,
+                "activation_mb": activation, "tokens_per_s": speed, "n_seeds": 1, "peak_memory_kind": "cuda_max_allocated"}
+
+    one = pd.DataFrame([row("full", 100.0, 50.0, 1000.0), row("lora", 60.0, 40.0, 1500.0)])
+    text = report.cost_findings(one)
+    assert "training tokens/s 1.50x (lora)" in text and "from" not in text
+    two = pd.concat([one, pd.DataFrame([row("dora", 80.0, 45.0, 900.0)])], ignore_index=True)
+    assert "training tokens/s from 0.90x (dora) to 1.50x (lora)" in report.cost_findings(two)

@@ -1,6 +1,7 @@
 """A new variant is one file: the template filled in and dropped into a copy of the repository, with no other edit, it is
-discovered, passes the contract tests, is scheduled by the default study's dry run, and gets
-its README row from `make test`'s docs step (python -m lorabench.docs --write)."""
+discovered, passes the contract tests, is scheduled by the default study's dry run, gets its
+README row from `make test`'s docs step (python -m lorabench.docs --write), and a row of a
+study's report."""
 
 from __future__ import annotations
 
@@ -67,3 +68,13 @@ def test_a_variant_file_alone_is_discovered_tested_scheduled_and_documented(tmp_
         for seed in config.get("task_seeds", {}).get(task, config["seeds"]):
             record = f"{config['results']}/runs/{task}/{NAME}/default/seed{seed}.json"
             assert record in planned, f"the default study's dry run schedules no {record}"
+
+    # ... and to a row of the report: the smoke study's SST-2 part, the new variant beside LoRA.
+    smoke = yaml.safe_load((copy / "config" / "smoke.yaml").read_text())
+    smoke.update(tasks=["sst2"], variants=[NAME, "lora"], settings={"default": {}}, results="results/contributed")
+    smoke["hparams"].pop("where", None)
+    smoke.pop("lr_sweep", None)
+    (copy / "contributed.yaml").write_text(yaml.safe_dump(smoke))
+    python("-m", "snakemake", "--configfile", "contributed.yaml", "--cores", "2")
+    leaderboard = (copy / "results" / "contributed" / "tables" / "leaderboard.md").read_text()
+    assert f"{NAME}" in leaderboard and NAME in (copy / "results" / "contributed" / "report.md").read_text()

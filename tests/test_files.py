@@ -133,3 +133,19 @@ def test_a_declared_task_trains_is_scored_and_its_record_keeps_the_declaration(t
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["status"] == "ok" and record["eval"]["primary"] == "matthews_corr" and record["eval"]["n"] == len(REVIEWS)
     assert record["run"]["task_spec"] == spec and record["run"]["data_source"] == "local"
+
+
+def test_a_hub_dataset_declared_by_id_gives_the_same_columns(monkeypatch, forget_declared):
+    import datasets
+
+    split = datasets.Dataset.from_dict({"sentence": ["good", "bad"], "label": [1, 0], "idx": [0, 1]})
+    book = datasets.Dataset.from_dict({"content": ["Call me Ishmael.\n" * 50]})
+    loaded = {"someone/reviews": {"train": split, "test": split}, "someone/book": {"train": book, "test": book}}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: loaded[name])
+    reviews = files.declare("hub_reviews", {"kind": "classification", "hub": "someone/reviews", "text": "sentence", "label": "label",
+                                            "labels": ["negative", "positive"]})
+    assert reviews.resolve_source() == "hub" and reviews.load()["eval"].to_dict() == {"sentence": ["good", "bad"], "label": [1, 0]}
+    corpus = files.declare("hub_book", {"kind": "language_modeling", "hub": "someone/book", "text": "content"})
+    assert corpus.load()["train"]["text"] == ["Call me Ishmael.\n" * 50]
+    with pytest.raises(files.DeclarationError, match="must list its labels"):
+        files.declare("unlabelled", {"kind": "classification", "hub": "someone/reviews", "text": "sentence", "label": "label"})

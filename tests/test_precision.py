@@ -12,6 +12,7 @@ from lorabench.run import ConfigError, resolve_hparams
 from lorabench.train import enable_gradient_checkpointing, resolve_precision
 from tests.conftest import make_batch
 from tests.helpers import tiny_sst2
+from tests.test_variant_contract import file_of
 
 SMALL = {"max_steps": 4, "batch_size": 8, "timing_warmup_steps": 1, "log_every": 1, "threads": 1, "save_adapter": False}
 
@@ -51,11 +52,17 @@ def test_gradient_checkpointing_gives_the_same_gradients_for_less_memory(name, m
                     tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(len(key))) * 0.1)
     loss, gradients = loss_and_gradients(plain, False)
     checkpointed_loss, checkpointed_gradients = loss_and_gradients(checkpointed, True)
-    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=0)
+    file = file_of(variant)
+    rerun = f"forward in {file} must give the same output each time torch.utils.checkpoint runs it (no state kept between calls)"
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=0,
+                               msg=lambda detail: f"the loss with gradient checkpointing differs from without: {rerun}.\n{detail}")
     assert gradients.keys() == checkpointed_gradients.keys()
     for key, gradient in gradients.items():
-        assert checkpointed_gradients[key] is not None, key
-        torch.testing.assert_close(checkpointed_gradients[key], gradient, atol=1e-6, rtol=0, msg=key)
+        assert checkpointed_gradients[key] is not None, (
+            f"{key} gets no gradient with gradient checkpointing: forward in {file} must read it from the layer on every call, "
+            "not from a copy cached by an earlier call")
+        torch.testing.assert_close(checkpointed_gradients[key], gradient, atol=1e-6, rtol=0, msg=lambda detail, key=key: (
+            f"{key}: the gradient with gradient checkpointing differs from without: {rerun}.\n{detail}"))
     assert 0 < measure.saved_activation_bytes(checkpointed, make_batch()) < measure.saved_activation_bytes(plain, make_batch())
 
 

@@ -104,6 +104,8 @@ def test_leaderboard_and_report_show_the_verdicts_and_mark_the_floor(study):
     assert not by_variant.loc["majority", "above_floors"] and by_variant.loc["strong", "above_floors"]
     text = report.build_report(study).read_text()
     assert f"0.5500 {report.AT_FLOOR}" in text and f"0.8000 {report.AT_FLOOR}" not in text
+    tested = board["above_floors"].notna().sum()
+    assert f"**1 of {tested} scores are not significantly above their floors**" in text.split("## Environment")[0]
     assert "Welch's t-test over seeds" in text and "paired bootstrap over the evaluation examples" in text
     assert (study / report.SEED_FIGURE).is_file() and "## Every seed" in text
 
@@ -195,3 +197,12 @@ def test_the_best_run_is_called_best_only_as_far_as_its_tests_go(study, tmp_path
     write(tmp_path, "full", 0, correct_on(324, 50))
     text = report.build_report(tmp_path).read_text()
     assert "best is full at 0.8100 (n=1), not significantly better than lora." in text
+
+
+def test_a_study_whose_every_score_is_at_its_floors_says_so_at_the_top_and_beside_each_sentence():
+    assert report.floor_note(pd.DataFrame({"above_floors": [True, None]})) == ""  # nothing at the floor, or untested
+    note = report.floor_note(pd.DataFrame({"above_floors": [False, False, None]}))
+    assert note.startswith("**No score in this study is significantly above its floors**") and "noise" in note
+    board_row = pd.Series({"above_floors": False})
+    assert report._floor_mark(board_row) == f" {report.AT_FLOOR} (not significantly above its floors)"
+    assert report._floor_mark(pd.Series({"above_floors": float("nan")})) == ""
