@@ -198,7 +198,10 @@ def expand_sweeps(config: dict[str, Any]) -> list[Sweep]:
     config = resolved(config)
     _check_config_names(config)
     grids = spec["grids"]
-    _check_names([name for name in grids if name != "all"], "variants", "'lr_sweep.grids'")
+    both = sorted(set(grids) & set(config["settings"]) & set(variants.REGISTRY))
+    if both:
+        raise ConfigError(f"config 'lr_sweep.grids': {both} name both a setting and a variant; rename the setting")
+    _check_names([name for name in grids if name != "all" and name not in config["settings"]], "variants", "'lr_sweep.grids'")
     for kind in ("tasks", "variants"):
         _check_names(spec.get(kind, []), kind, f"'lr_sweep.{kind}'")
     unknown = sorted(set(spec.get("settings", ["default"])) - set(config["settings"]))
@@ -212,7 +215,7 @@ def expand_sweeps(config: dict[str, Any]) -> list[Sweep]:
     for setting, task, variant, overrides in _combinations(config):
         if not _swept(config, setting, task, variant):
             continue
-        grid = grids.get(variant, grids.get("all"))
+        grid = grids.get(setting if setting != "default" else variant, grids.get(variant, grids.get("all")))
         if grid is None:
             raise ConfigError(f"config 'lr_sweep.grids' has no grid for variant {variant!r}: add 'all' or {variant!r}")
         where = f"config 'lr_sweep', setting {setting!r}, task {task!r}, variant {variant!r}"

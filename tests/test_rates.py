@@ -21,17 +21,19 @@ def config(name: str) -> dict:
 
 
 def test_the_tuning_study_sweeps_every_default_run_at_its_budget_and_data():
-    """Every task x variant of the default study is swept on a grid of at least 4 log-spaced
+    """Every task x variant of the default study (and of each setting the tuning study sweeps) is swept on a grid of at least 4 log-spaced
     rates that brackets the rate the default study configures; each sweep run trains on the
     examples, and at the budget, of the default run it tunes (everything but lr and what a
     sweep run leaves out)."""
     default, tune = config("config"), config("tune")
     assert set(tune["tasks"]) == set(default["tasks"]) and tune["variants"] == default["variants"] == "all"
-    finals = {(run_.task, run_.variant): dict(run_.overrides) for run_ in study.expand({**default, "rates": None}) if run_.setting == "default"}
+    swept_settings = tune["lr_sweep"].get("settings", ["default"])
+    finals = {(run_.task, run_.variant, run_.setting): dict(run_.overrides) for run_ in study.expand({**default, "rates": None})
+              if run_.setting in swept_settings}
     sweeps = study.expand_sweeps(tune)
-    assert {(s.task, s.variant) for s in sweeps} == set(finals)
+    assert {s.key for s in sweeps} == set(finals)
     for swept in sweeps:
-        final = run.resolve_hparams(swept.task, swept.variant, finals[(swept.task, swept.variant)])
+        final = run.resolve_hparams(swept.task, swept.variant, finals[swept.key])
         grid = sorted(dict(r.overrides)["lr"] for r in swept.runs)
         ratios = [high / low for low, high in zip(grid, grid[1:])]
         assert len(grid) >= 4 and max(ratios) == pytest.approx(min(ratios), rel=0.05), (swept.key, grid)
@@ -132,6 +134,7 @@ def test_a_variant_without_a_grid_of_its_own_gets_factors_of_its_configured_rate
     """`all: {factors: [1/3, 1, 3, 9]}` gives a new variant the grid the others were given by hand."""
     tune = config("tune")
     explicit = {name: grid for name, grid in tune["lr_sweep"]["grids"].items() if name != "all"}
+    tune["lr_sweep"].pop("settings", None)  # the default setting's grids; a setting's own grid is its own choice
     by_hand = {(s.task, s.variant): sorted(dict(r.overrides)["lr"] for r in s.runs) for s in study.expand_sweeps(tune)}
     tune["lr_sweep"]["grids"] = {"all": tune["lr_sweep"]["grids"]["all"]}
     for variant, layer in config("config")["hparams"]["variant"].items():  # centred on the default study's rates, as the hand grids
