@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lorabench import files
+from lorabench import files, library
 
 FORMAT_VERSION = "2"  # 2: a sha256 of the tensors in the metadata (CHECKSUM_KEY)
 READABLE_VERSIONS = ("1", "2")  # version 1 files have no checksum; load still refuses their NaN and inf
@@ -344,15 +344,34 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return metadata
 
 
-def load(model: nn.Module, path: str | Path) -> Attachment:
+def load_library(path: str | Path) -> list[dict[str, Any]]:
+    """The entries of an extraction library (``seedN.library.safetensors``): step, triggers,
+    training loss, validation score, ranks and explained variance per layer, seconds; read from
+    its header alone. A truncated or corrupt file raises ``AdapterError`` naming it."""
+    try:
+        return library.read_header(path)["entries"]
+    except library.LibraryError as error:
+        raise AdapterError(str(error)) from error
+
+
+def load(model: nn.Module, path: str | Path, step: int | None = None, best: bool = False, rank: int | None = None,
+         task: str | None = None) -> Attachment:
     """Attach the adapter stored at ``path`` to a freshly loaded base ``model``.
 
     The file is read and checked (finite tensors, the checksum ``save`` stored) before the model
     is touched, then against the model before anything is copied; a bad file raises
-    ``AdapterError`` naming it and leaves the model as it was.
+    ``AdapterError`` naming it and leaves the model as it was. From an extraction library, name
+    the entry: ``step=N``, or ``best=True`` (the best validation score; ties go to the earlier
+    step); ``rank`` loads it at a fixed rank (one of its ``library_ranks``) instead of its
+    threshold's, and ``task`` refuses an entry extracted on another task. The entry's task head
+    (as it was at its step) is loaded too.
     """
     import variants  # here, not at the top: variant files import this module
 
+    if library.HEADER_KEY in _raw_metadata(path):
+        return _load_library_entry(model, path, step, best, rank, task)
+    if step is not None or best or rank is not None:
+        raise AdapterError(f"{path}: an adapter file holds one adapter; step, best and rank choose an entry of an extraction library")
     metadata = read_metadata(path)
     try:
         variant = variants.get(metadata["variant"])
@@ -395,6 +414,42 @@ def load(model: nn.Module, path: str | Path) -> Attachment:
         if hasattr(variant, "after_load"):
             for layer in attachment.layers.values():
                 variant.after_load(layer)
+    return attachment
+
+
+def _raw_metadata(path: str | Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{path}: not a readable safetensors adapter or library ({error}); the file is truncated or corrupt") from error
+
+
+def _load_library_entry(model: nn.Module, path: str | Path, step: int | None, best: bool, rank: int | None, task: str | None) -> Attachment:
+    """One entry of an extraction library on ``model``, with its head; refused with the reason
+    when it was extracted from another model or task."""
+    try:
+        header, entries = library.read(path)
+        entry = library.choose(entries, step, best, header.get("higher_is_better", True), path)
+    except library.LibraryError as error:
+        raise AdapterError(str(error)) from error
+    if task is not None and header.get("task") not in (None, task):
+        raise AdapterError(f"{path}: entries extracted on task {header['task']!r}, not {task!r}; load a library of {task!r}")
+    if rank is None or rank in header.get("library_ranks", []):
+        ranks = entry.ranks_at(rank)
+    else:
+        raise AdapterError(f"{path}: rank {rank} is not among its library_ranks {header.get('library_ranks', [])}; "
+                           "load the threshold's adapter (rank=None) or extract with extract.library_ranks")
+    heads = {name: getattr(model, name) for name in task_heads(model)}
+    wanted = {f"{name}.{key}": tensor for name, module in heads.items() for key, tensor in module.state_dict().items()}
+    if set(wanted) != set(entry.head) or any(wanted[key].shape != entry.head[key].shape for key in wanted):
+        raise AdapterError(f"{path}: the entry's task head ({', '.join(f'{k} {tuple(v.shape)}' for k, v in entry.head.items()) or 'none'}) "
+                           f"does not fit the model's ({', '.join(f'{k} {tuple(v.shape)}' for k, v in wanted.items()) or 'none'}); "
+                           "it was extracted on another task or model")
+    attachment = library.attach_factors(model, entry.factors, ranks, where=str(path))
+    with torch.no_grad():
+        for key, tensor in entry.head.items():
+            wanted[key].copy_(tensor)
     return attachment
 
 

@@ -59,8 +59,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorabench import measure
-from lorabench.adapters import find_targets
+from lorabench import library, measure
+from lorabench.adapters import find_targets, task_heads
 
 TRIGGERS = ("initial", "periodic", "plateau", "validation")
 SNAPSHOTS = ("auto", "mmap", "copy")
@@ -93,6 +93,8 @@ class ExtractConfig:
     eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     eval_thresholds: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
     ev_ranks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64))  # EV recorded at these ranks per layer
+    keep: str = "all"  # the library (lorabench/library.py): all, none, last:K or every:K
+    library_ranks: tuple[int, ...] = ()  # fixed ranks each library entry can also be loaded at
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> ExtractConfig:
@@ -108,7 +110,7 @@ class ExtractConfig:
         unknown = sorted(set(flat) - known)
         if unknown:
             raise ExtractConfigError(f"extract: unknown keys {unknown}; known: {', '.join(sorted(known | {'svd'}))}")
-        for key in ("triggers", "eval_ranks", "eval_thresholds", "ev_ranks"):
+        for key in ("triggers", "eval_ranks", "eval_thresholds", "ev_ranks", "library_ranks"):
             if key in flat:
                 if not isinstance(flat[key], (list, tuple)):
                     raise ExtractConfigError(f"extract.{key}={flat[key]!r} must be a list")
@@ -127,8 +129,12 @@ class ExtractConfig:
             raise ExtractConfigError("extract.threshold and eval_thresholds must lie in (0, 1]")
         if not 1 <= self.min_rank <= self.max_rank:
             raise ExtractConfigError(f"extract: need 1 <= min_rank ({self.min_rank}) <= max_rank ({self.max_rank})")
-        if any(r < 1 for r in (*self.eval_ranks, *self.ev_ranks)):
-            raise ExtractConfigError("extract.eval_ranks and ev_ranks must be >= 1")
+        if any(r < 1 for r in (*self.eval_ranks, *self.ev_ranks, *self.library_ranks)):
+            raise ExtractConfigError("extract.eval_ranks, ev_ranks and library_ranks must be >= 1")
+        try:
+            library.parse_keep(self.keep)
+        except ValueError as error:
+            raise ExtractConfigError(str(error)) from error
         if self.oversample < 0 or self.niter < 0 or self.warm_niter < 0 or self.exact_below < 0 or self.plateau_window < 2 or self.initial_step < 0:
             raise ExtractConfigError("extract: oversample, niter, warm_niter, exact_below, initial_step must be >= 0 and plateau_window >= 2")
         if self.storage not in ("float", "int8"):
@@ -387,10 +393,13 @@ class Extractor:
     """Called by the training loop after every optimizer step; decides, extracts, records."""
 
     def __init__(self, model: nn.Module, cfg: ExtractConfig, checkpoint: str | Path | None, device: torch.device, warmup_steps: int,
-                 seed: int = 0):
+                 seed: int = 0, higher_is_better: bool = True):
         self.cfg = cfg
         self.device = device
         self.matrices = extraction_matrices(model, cfg)
+        self.heads = {name: getattr(model, name) for name in task_heads(model)}
+        self.library = None if cfg.keep == "none" else library.Library(cfg.keep, cfg.threshold, cfg.min_rank, cfg.max_rank,
+                                                                         cfg.library_ranks, higher_is_better)
         self.snapshot = take_snapshot(self.matrices, checkpoint, cfg.snapshot, device)
         self.initial_step = cfg.initial_step or max(1, warmup_steps)
         self.losses: list[float] = []
@@ -399,6 +408,8 @@ class Extractor:
         self.extractions: list[dict[str, Any]] = []
         self.seconds = 0.0
         self.flops = 0
+        self.library_seconds = 0.0  # forming U and V for the library's adapters, apart from the SVDs' seconds
+        self.library_flops = 0
         self.last: dict[str, Spectrum] = {}
         self.bases: dict[str, torch.Tensor] = {}  # where each matrix's next warm-started iteration starts
         self.differences: dict[torch.Size, torch.Tensor] = {}  # dW's buffer, one per matrix shape
@@ -432,11 +443,11 @@ class Extractor:
         if step == max_steps:
             fired.append("final")
         if fired:
-            self.extract(step, fired)
+            self.extract(step, fired, loss, validation)
         return bool(fired)
 
     @torch.no_grad()
-    def extract(self, step: int, triggers: list[str]) -> dict[str, Any]:
+    def extract(self, step: int, triggers: list[str], loss: float | None = None, validation: float | None = None) -> dict[str, Any]:
         cfg = self.cfg
         measure.synchronize(self.device)
         started = time.perf_counter()
@@ -454,7 +465,17 @@ class Extractor:
         seconds = time.perf_counter() - started
         self.seconds += seconds
         self.flops += flops
-        entry = {"step": step, "triggers": triggers, "seconds": seconds, "flops": flops, "layers": {}}
+        entry = {"step": step, "triggers": triggers, "loss": loss, "validation": validation, "seconds": seconds, "flops": flops, "layers": {}}
+        if self.library is not None:
+            # Forming U and V is this extraction's only extra work for the library; timed and counted apart.
+            head = {f"{name}.{key}": tensor for name, module in self.heads.items() for key, tensor in module.state_dict().items()}
+            widths = {name: 0 if found.ritz is None and found.basis is None else found.basis.shape[1] for name, found in layers.items()}
+            kept = self.library.add(step, triggers, loss if loss is not None else float("nan"), validation, layers, head, seconds, widths)
+            measure.synchronize(self.device)
+            entry["library"] = {"factor_seconds": kept.factor_seconds, "factor_flops": kept.factor_flops, "entries": len(self.library.entries),
+                                "bytes": self.library.nbytes()}
+            self.library_seconds += kept.factor_seconds
+            self.library_flops += kept.factor_flops
         for name, found in layers.items():
             rank, explained = found.rank_for(cfg.threshold, cfg.min_rank, cfg.max_rank)
             entry["layers"][name] = {
@@ -465,6 +486,11 @@ class Extractor:
             }
         self.extractions.append(entry)
         return entry
+
+    @property
+    def total_seconds(self) -> float:
+        """What extraction took from training: the SVDs and the library's U and V."""
+        return self.seconds + self.library_seconds
 
     def difference(self, name: str, parameter: nn.Parameter) -> torch.Tensor:
         """dW = W - W0 in float32, written into a buffer kept for the matrix's shape: one
@@ -479,19 +505,25 @@ class Extractor:
     # What a checkpoint keeps (lorabench/checkpoint.py): JSON-able findings and counters, the
     # sketch generator's state and the bases the next extraction starts from. The spectra
     # themselves need no saving: the last step always extracts.
-    STATE_FIELDS = ("extractions", "losses", "best_validation", "plateau_quiet_until", "seconds", "flops")
+    STATE_FIELDS = ("extractions", "losses", "best_validation", "plateau_quiet_until", "seconds", "flops", "library_seconds", "library_flops")
     BASIS_PREFIX = "extract.basis."
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """(the JSON-able state, its tensors: the generator's state and the warm-start bases)."""
         tensors = {"rng.extract": self.generator.get_state()}
         tensors.update({self.BASIS_PREFIX + name: basis for name, basis in self.bases.items()})
-        return {field: getattr(self, field) for field in self.STATE_FIELDS}, tensors
+        state = {field: getattr(self, field) for field in self.STATE_FIELDS}
+        if self.library is not None:
+            state["library"], library_tensors = self.library.state()
+            tensors.update(library_tensors)
+        return state, tensors
 
     def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Resume from :meth:`state` as a checkpoint stored it."""
         for field in self.STATE_FIELDS:
             setattr(self, field, state[field])
+        if self.library is not None:
+            self.library.load_state(state["library"], tensors)
         self.generator.set_state(tensors["rng.extract"])
         self.bases = {name.removeprefix(self.BASIS_PREFIX): basis.to(self.device)
                       for name, basis in tensors.items() if name.startswith(self.BASIS_PREFIX)}
@@ -503,13 +535,18 @@ class Extractor:
             "snapshot": {"kind": self.snapshot.kind, "copied_mb": self.snapshot.copied_bytes / 2**20,
                          "mapped_mb": self.snapshot.mapped_bytes / 2**20, "seconds": self.snapshot.seconds},
             "extractions": self.extractions,
+            # The SVDs and, with the library on, forming each kept adapter's U and V: the percentages count both.
             "overhead": {
-                "seconds": self.seconds,
+                "seconds": self.seconds + self.library_seconds,
+                "svd_seconds": self.seconds,
+                "library_seconds": self.library_seconds,
                 "train_seconds": train_seconds,
-                "percent_time": 100 * self.seconds / train_seconds if train_seconds else None,
-                "flops": self.flops,
+                "percent_time": 100 * (self.seconds + self.library_seconds) / train_seconds if train_seconds else None,
+                "flops": self.flops + self.library_flops,
+                "svd_flops": self.flops,
+                "library_flops": self.library_flops,
                 "train_flops": train_flops,
-                "percent_flops": 100 * self.flops / train_flops if train_flops else None,
+                "percent_flops": 100 * (self.flops + self.library_flops) / train_flops if train_flops else None,
             },
         }
 
@@ -540,27 +577,8 @@ def layer_name(parameter_name: str) -> str:
 
 def attach_extracted(model: nn.Module, spectra: dict[str, Spectrum], ranks: dict[str, int], dtype: torch.dtype = torch.float32):
     """Attach the extracted factors to ``model`` (a base model) as a LoRA adapter with scale 1
-    and one rank per layer; embedding tables, which LoRA's hooks do not adapt, are left out."""
-    import variants
-    from lorabench import adapters
-
-    lora = variants.get("lora")
-    linear = {layer_name(name): found for name, found in spectra.items() if isinstance(model.get_submodule(layer_name(name)), nn.Linear)}
-    top = max(ranks[f"{name}.weight"] for name in linear)
-    cfg = variants.make_config(lora, {"rank": top, "alpha": float(top)})
-    overrides = {name: {"rank": ranks[f"{name}.weight"], "alpha": float(ranks[f"{name}.weight"])} for name in linear if ranks[f"{name}.weight"] != top}
-    attachment = adapters.attach(model, lora, cfg, targets=list(linear), overrides=overrides)
-    missing = set(linear) - set(attachment.layers)
-    if missing:
-        adapters.detach(model)
-        raise adapters.AdapterError(f"extracted layers {sorted(missing)[:3]} are not targets of the base model")
-    with torch.no_grad():
-        for name, found in linear.items():
-            B, A = found.factors(ranks[f"{name}.weight"])
-            layer = attachment.layers[name]
-            layer.lora_B.copy_(B.to(layer.lora_B.device, dtype))
-            layer.lora_A.copy_(A.to(layer.lora_A.device, dtype))
-    return attachment
+    and one rank per layer (``library.attach_factors``)."""
+    return library.attach_factors(model, {name: found.factors(ranks[name]) for name, found in spectra.items()}, ranks, dtype)
 
 
 def svd_check(weights: str | Path, model: str, source: str = "auto", cfg: ExtractConfig | None = None) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ per task and variant, the chosen rate, the grid with each rate's validation scor
 choice lies at an edge of the grid (where the best rate may lie outside it), the budget it was
 tuned at, and the commit of the code that ran the sweep. A study that names the file
 (``rates:``) trains each task x variant at its tuned rate, unless a setting or a ``where``
-entry sets ``lr`` itself; such a run's record carries the entry as its ``selection``, as a
+entry sets ``lr`` itself. A setting the tuning study sweeps too (LoRA at rank 64) has its own
+entries under ``settings``; every other setting trains at the default setting's rate; such a run's record carries the entry as its ``selection``, as a
 swept run's does, so the report shows grid, scores and edge for both alike.
 """
 
@@ -59,13 +60,13 @@ def entry(selection: dict[str, Any], sweep_records: list[dict[str, Any]]) -> dic
     }
 
 
-def collect(results: str | Path, config: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """task -> variant -> entry, for every sweep of ``config`` whose selection file exists under
-    ``results`` (a tuning study may be run a task at a time)."""
+def collect(results: str | Path, config: dict[str, Any]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """setting -> task -> variant -> entry, for every sweep of ``config`` whose selection file
+    exists under ``results`` (a tuning study may be run a task at a time)."""
     from lorabench import study  # here: study imports run, which imports this module
 
     results = Path(results)
-    rates: dict[str, dict[str, dict[str, Any]]] = {}
+    rates: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for swept in study.expand_sweeps(config):
         path = results / swept.selection
         if not path.is_file():
@@ -74,22 +75,27 @@ def collect(results: str | Path, config: dict[str, Any]) -> dict[str, dict[str, 
         found = [records.read(record) for record in swept.records(str(results)) if Path(record).is_file()]
         if not found:
             raise RatesError(f"{path}: none of its sweep's records is there to tell the budget and commit; rerun the sweep")
-        rates.setdefault(swept.task, {})[swept.variant] = entry(selection, found)
+        rates.setdefault(swept.setting, {}).setdefault(swept.task, {})[swept.variant] = entry(selection, found)
     return rates
 
 
-def render(rates: dict[str, dict[str, dict[str, Any]]], config_path: str, results: str) -> str:
-    """The file's text: a header saying how to regenerate it, then one YAML document."""
+def render(rates: dict[str, dict[str, dict[str, dict[str, Any]]]], config_path: str, results: str) -> str:
+    """The file's text: a header saying how to regenerate it, then one YAML document (the
+    default setting's rates under ``rates``, a swept setting's own under ``settings``)."""
     header = (f"# Tuned learning rates: written by `python -m lorabench.rates {results} --config {config_path}` (make tune)\n"
               "# from the tuning study's sweep records; regenerate it rather than edit it. Per task and variant: the\n"
               "# chosen rate (lr), every rate's validation scores (scores), at_edge (low/high: the best rate may lie\n"
-              "# outside the grid), the budget it was tuned at and the commits of the code that ran the sweep.\n")
-    document = {"format": FORMAT, "config": config_path, "rule": sweep.RULE, "rates": rates}
+              "# outside the grid), the budget it was tuned at and the commits of the code that ran the sweep.\n"
+              "# settings: the rates of a setting swept on its own (the others train at the default setting's).\n")
+    others = {setting: by_task for setting, by_task in rates.items() if setting != "default"}
+    document = {"format": FORMAT, "config": config_path, "rule": sweep.RULE, "rates": rates.get("default", {}),
+                **({"settings": others} if others else {})}
     return header + yaml.safe_dump(document, sort_keys=False, width=120)
 
 
-def read(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """task -> variant -> entry from a rates file, checked enough to use it."""
+def read(path: str | Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """setting -> task -> variant -> entry from a rates file (``default``: its ``rates``),
+    checked enough to use it."""
     path = Path(path)
     try:
         document = yaml.safe_load(path.read_text())
@@ -97,20 +103,35 @@ def read(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
         raise RatesError(f"{path}: no such rates file; run `make tune`, or drop 'rates' from the study config") from error
     except yaml.YAMLError as error:
         raise RatesError(f"{path}: not valid YAML ({error}); regenerate it with `python -m lorabench.rates`") from error
-    if not isinstance(document, dict) or document.get("format") != FORMAT or not isinstance(document.get("rates"), dict):
-        raise RatesError(f"{path}: field 'format' is not {FORMAT!r} or 'rates' is missing; regenerate it with `python -m lorabench.rates`")
-    for task, by_variant in document["rates"].items():
-        for variant, found in by_variant.items():
-            if not isinstance(found, dict) or not isinstance(found.get("lr"), (int, float)) or found.get("task") != task \
-                    or found.get("variant") != variant:
-                raise RatesError(f"{path}: rates.{task}.{variant} lacks a numeric 'lr' or names another task or variant; "
-                                 "regenerate it with `python -m lorabench.rates`")
-    return document["rates"]
+    if not isinstance(document, dict) or document.get("format") != FORMAT or not isinstance(document.get("rates"), dict) \
+            or not isinstance(document.get("settings", {}), dict):
+        raise RatesError(f"{path}: field 'format' is not {FORMAT!r}, or 'rates' is missing, or 'settings' is not a mapping; "
+                         "regenerate it with `python -m lorabench.rates`")
+    by_setting = {"default": document["rates"], **document.get("settings", {})}
+    for setting, by_task in by_setting.items():
+        field = "rates" if setting == "default" else f"settings.{setting}"
+        for task, by_variant in (by_task or {}).items():
+            for variant, found in by_variant.items():
+                if not isinstance(found, dict) or not isinstance(found.get("lr"), (int, float)) or found.get("task") != task \
+                        or found.get("variant") != variant:
+                    raise RatesError(f"{path}: {field}.{task}.{variant} lacks a numeric 'lr' or names another task or variant; "
+                                     "regenerate it with `python -m lorabench.rates`")
+    return by_setting
 
 
-def selection_for(path: str | Path, task: str, variant: str) -> dict[str, Any]:
-    """The entry of ``task``/``variant`` as a run's ``selection`` (``lorabench.run --rates``)."""
-    found = read(path).get(task, {}).get(variant)
+def lookup(by_setting: dict[str, dict[str, dict[str, dict[str, Any]]]], setting: str, task: str, variant: str) -> dict[str, Any] | None:
+    """The entry a setting's run of ``task``/``variant`` trains at: the setting's own where it
+    was swept, else the default setting's; None where the file has neither."""
+    for name in (setting, "default"):
+        found = by_setting.get(name, {}).get(task, {}).get(variant)
+        if found is not None:
+            return found
+    return None
+
+
+def selection_for(path: str | Path, task: str, variant: str, setting: str = "default") -> dict[str, Any]:
+    """The entry of ``task``/``variant`` in ``setting`` as a run's ``selection`` (``lorabench.run --rates``)."""
+    found = lookup(read(path), setting, task, variant)
     if found is None:
         raise RatesError(f"{path}: no tuned rate for {task}/{variant}; run its sweep (make tune) or train it without --rates")
     return {**found, "source": str(path)}
@@ -131,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorabench.rates: error: no selection file under {args.results}; run the tuning study first (make tune)", file=sys.stderr)
         return 2
     files.write_text_atomic(args.out, render(rates, args.config, args.results))
-    for task, by_variant in rates.items():
-        flagged = [f"{variant} ({found['at_edge']})" for variant, found in by_variant.items() if found["at_edge"]]
-        print(f"{task}: {len(by_variant)} rates" + (f"; at the edge of the grid: {', '.join(flagged)}" if flagged else ""))
+    for setting, by_task in rates.items():
+        for task, by_variant in by_task.items():
+            flagged = [f"{variant} ({found['at_edge']})" for variant, found in by_variant.items() if found["at_edge"]]
+            named = task if setting == "default" else f"{task} ({setting})"
+            print(f"{named}: {len(by_variant)} rates" + (f"; at the edge of the grid: {', '.join(flagged)}" if flagged else ""))
     print(f"-> {args.out}")
     return 0
 

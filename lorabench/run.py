@@ -40,7 +40,7 @@ import yaml
 import tasks
 import variants
 from tasks import files, lm
-from lorabench import adapters, checkpoint, extract, measure, models, quantize, rates, records, sizing, sweep
+from lorabench import adapters, checkpoint, extract, library, measure, models, quantize, rates, records, sizing, sweep
 from lorabench.registry import UnknownNameError
 from lorabench.train import PRECISIONS, DivergedError, TrainConfig, autocast, collate, evaluate, predict, resolve_precision, task_loss, train
 
@@ -437,7 +437,8 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
     if hparams["extract"] is not None:
         warmup = math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps)
         extractor = extract.Extractor(model, extract.ExtractConfig.from_dict(hparams["extract"]),
-                                      models.checkpoint_folder(hparams["model"], hparams["model_source"]), device, warmup, seed)
+                                      models.checkpoint_folder(hparams["model"], hparams["model_source"]), device, warmup, seed,
+                                      higher_is_better=not task.causal)
     record["run"]["data"] = {name: len(rows) for name, rows in encoded.items()}
 
     print(f"lorabench: training {task.name}/{variant.name} seed {seed}: {len(encoded['train'])} examples, "
@@ -477,7 +478,7 @@ def train_and_score(record: dict[str, Any], task: tasks.Task, variant, variant_c
         record["eval"]["forgetting"] = forgetting
     if extractor is not None:
         record["extraction"] = extraction_section(extractor, model, tokenizer, task, splits, encoded, hparams, train_cfg, device, out,
-                                                  loop_seconds - extractor.seconds, record)
+                                                  loop_seconds - extractor.total_seconds, record)
     if hparams["save_adapter"]:
         adapter_path = out.with_suffix(".safetensors")
         adapters.save(model, adapter_path, {"task": task.name, "model": hparams["model"], "seed": str(seed)})
@@ -557,6 +558,41 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
                 evaluations.append({**evaluations[-1], "kind": "threshold_int8", "metrics": metrics, "primary_value": metrics[task.primary]})
         adapters.detach(base)
     section["evaluations"] = evaluations
+    if extractor.library is not None and extractor.library.entries:
+        section["library"] = library_section(extractor.library, base, tokenizer, task, splits, encoded, hparams, train_cfg, device, out)
+    return section
+
+
+def library_section(kept: library.Library, base, tokenizer, task, splits, encoded, hparams, train_cfg, device, out: Path) -> dict[str, Any]:
+    """Every adapter of the library scored on the validation split (at the threshold and at each
+    fixed library rank) with the task head of its own step, the best by validation also on the
+    reported split; then the library saved beside the record with those scores."""
+    heads = {f"{name}.{key}": tensor for name in adapters.task_heads(base) for key, tensor in getattr(base, name).state_dict().items()}
+    for entry in kept.entries:
+        with torch.no_grad():
+            for key, tensor in entry.head.items():
+                heads[key].copy_(tensor)
+        for rank in (None, *kept.library_ranks):
+            library.attach_factors(base, entry.factors, entry.ranks_at(rank))
+            if encoded.get("val"):
+                with autocast(device, train_cfg.precision):
+                    value = evaluate(base, encoded["val"], task, tokenizer.pad_token_id, train_cfg.eval_batch_size, device)[task.val_metric]
+                entry.scores["threshold" if rank is None else f"rank{rank}"] = value
+            adapters.detach(base)
+    section: dict[str, Any] = {"keep": kept.keep, "library_ranks": list(kept.library_ranks), "extractions": kept.extractions}
+    if encoded.get("val"):
+        best = library.choose(kept.entries, best=True, higher_is_better=kept.higher_is_better)
+        with torch.no_grad():
+            for key, tensor in best.head.items():
+                heads[key].copy_(tensor)
+        library.attach_factors(base, best.factors, best.ranks)
+        with autocast(device, train_cfg.precision):
+            metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+        adapters.detach(base)
+        section["best"] = {"step": best.step, "validation": best.scores["threshold"], "metrics": metrics, "primary_value": metrics[task.primary],
+                           "mean_rank": sum(best.ranks.values()) / len(best.ranks)}
+    path = kept.save(out.with_suffix(".library.safetensors"), {"task": task.name, "model": hparams["model"], "extracted_from": str(out)})
+    section.update(path=str(path), bytes=measure.file_bytes(path), memory_bytes=kept.nbytes(), entries=[entry.about() for entry in kept.entries])
     return section
 
 
@@ -648,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             spec_text = Path(args.task_spec).read_text() if Path(args.task_spec).suffix in (".yaml", ".yml") else args.task_spec
             files.declare(args.task, yaml.safe_load(spec_text), "--task-spec")
         if args.rates:
-            selection = rates.selection_for(args.rates, args.task, args.variant)
+            selection = rates.selection_for(args.rates, args.task, args.variant, args.setting)
         else:
             selection = sweep.read_selection(args.selection) if args.selection else None
         record = execute(args.task, args.variant, args.seed, args.setting, parse_sets(args.set), out, selection)

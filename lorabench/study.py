@@ -27,6 +27,7 @@ import yaml
 
 import tasks
 import variants
+from lorabench import rates as rates_file
 from lorabench.run import ConfigError, resolve_hparams
 from tasks import files
 
@@ -163,16 +164,14 @@ def seeds_of(config: dict[str, Any], setting: str, task: str) -> list[int]:
     return own if own is not None else config.get("task_seeds", {}).get(task, config["seeds"])
 
 
-def tuned_rates(config: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """task -> variant -> entry of the study's rates file; empty when it names none."""
-    from lorabench import rates
-
-    return rates.read(config["rates"]) if config.get("rates") else {}
+def tuned_rates(config: dict[str, Any]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """setting -> task -> variant -> entry of the study's rates file; empty when it names none."""
+    return rates_file.read(config["rates"]) if config.get("rates") else {}
 
 
 def _at_tuned_rate(config: dict[str, Any], rates: dict, setting: str, task: str, variant: str) -> bool:
     """Whether the run's lr is its tuned rate: the file has one and no later layer sets lr."""
-    if variant not in rates.get(task, {}):
+    if rates_file.lookup(rates, setting, task, variant) is None:
         return False
     hparams = config.get("hparams", {})
     later = [entry["hparams"] for entry in hparams.get("where", []) if _applies(entry, task, variant)]
@@ -256,7 +255,7 @@ def _check_config_names(config: dict[str, Any]) -> None:
     _check_names(list(config.get("task_seeds", {})), "tasks", "'task_seeds'")
 
 
-def _combinations(config: dict[str, Any], tuned: dict[str, dict[str, dict[str, Any]]] | None = None):
+def _combinations(config: dict[str, Any], tuned: dict[str, dict[str, dict[str, dict[str, Any]]]] | None = None):
     """(setting, task, variant, overrides) of every run but its seed, overrides checked; ``tuned``
     (``tuned_rates``) sets lr over the variant's layer."""
     hparams = config.get("hparams", {})
@@ -269,7 +268,7 @@ def _combinations(config: dict[str, Any], tuned: dict[str, dict[str, dict[str, A
                     **hparams.get("all", {}),
                     **hparams.get("task", {}).get(task, {}),
                     **hparams.get("variant", {}).get(variant, {}),
-                    **({"lr": tuned[task][variant]["lr"]} if variant in tuned.get(task, {}) else {}),
+                    **({"lr": entry["lr"]} if (entry := rates_file.lookup(tuned, setting, task, variant)) else {}),
                     **{key: value for entry in hparams.get("where", []) if _applies(entry, task, variant) for key, value in entry["hparams"].items()},
                     **spec.get("hparams", {}),
                 }

@@ -274,8 +274,10 @@ def test_extraction_records_each_layer_and_its_cost():
     assert 1 <= layer["rank"] <= 32 and 0.9 <= layer["explained"] <= 1.0 and layer["norm"] > 0
     assert layer["explained_at"]["32"] == pytest.approx(1.0, abs=1e-5)
     summary = extractor.summary(train_seconds=10.0, train_flops=1e12)
-    assert summary["overhead"]["percent_time"] == pytest.approx(100 * extractor.seconds / 10.0)
-    assert summary["overhead"]["percent_flops"] == pytest.approx(100 * extractor.flops / 1e12)
+    # The SVDs and forming the library's U and V, both counted.
+    assert summary["overhead"]["percent_time"] == pytest.approx(100 * (extractor.seconds + extractor.library_seconds) / 10.0)
+    assert summary["overhead"]["percent_flops"] == pytest.approx(100 * (extractor.flops + extractor.library_flops) / 1e12)
+    assert extractor.library_seconds > 0 and summary["overhead"]["svd_flops"] == extractor.flops
     assert summary["snapshot"]["kind"] == "copy" and summary["snapshot"]["copied_mb"] > 0
     assert not math.isnan(summary["overhead"]["seconds"])
 

@@ -14,6 +14,9 @@ from tests.test_sweep import sweep_record
 
 ROOT = Path(__file__).resolve().parent.parent
 LR_FREE = ("lr", "score_split", "save_adapter", "extract", "forgetting_tokens")  # what a sweep run sets apart from its final run
+# How often a run validates changes none of its steps (evaluation draws no random number and
+# updates nothing): the default study's full runs validate more often, beside their extractions.
+VALIDATION_ONLY = ("eval_every",)
 
 
 def config(name: str) -> dict:
@@ -40,22 +43,27 @@ def test_the_tuning_study_sweeps_every_default_run_at_its_budget_and_data():
         assert grid[0] < final["lr"] < grid[-1], (swept.key, final["lr"], grid)
         for sweep_run in swept.runs:
             tuned = run.resolve_hparams(swept.task, swept.variant, dict(sweep_run.overrides))
-            differ = {key for key in final if final[key] != tuned[key]} - set(LR_FREE) - {"data_dir"}
+            differ = {key for key in final if final[key] != tuned[key]} - set(LR_FREE) - set(VALIDATION_ONLY) - {"data_dir"}
             assert not differ, (swept.key, {key: (final[key], tuned[key]) for key in differ})
 
 
-def small_tuning(tmp_path: Path) -> tuple[dict, Path]:
+def small_tuning(tmp_path: Path, rank_setting: bool = False) -> tuple[dict, Path]:
     """A two-variant tuning study's config and results: sweep records and their selections,
-    written as the DAG writes them. LoRA's best rate is inside its grid, LoRA-FA's at its top."""
+    written as the DAG writes them. LoRA's best rate is inside its grid, LoRA-FA's at its top;
+    with ``rank_setting``, LoRA at rank 64 is swept too, on its own grid, and prefers 3e-5."""
     tune = {"results": str(tmp_path / "tune"), "tasks": ["sst2"], "variants": ["lora", "lora_fa"], "seeds": [0],
             "settings": {"default": {}}, "hparams": {"task": {"sst2": {"max_steps": 20, "val_size": 50}}},
             "lr_sweep": {"grids": {"all": [1e-4, 1e-3, 1e-2]}}}
-    scores = {"lora": {1e-4: 0.70, 1e-3: 0.86, 1e-2: 0.51}, "lora_fa": {1e-4: 0.60, 1e-3: 0.70, 1e-2: 0.80}}
+    scores = {"lora": {1e-4: 0.70, 1e-3: 0.86, 1e-2: 0.51}, "lora_fa": {1e-4: 0.60, 1e-3: 0.70, 1e-2: 0.80},
+              "rank64": {1e-5: 0.75, 3e-5: 0.85, 1e-4: 0.80}}
+    if rank_setting:
+        tune["settings"]["rank64"] = {"variants": ["lora"], "hparams": {"rank": 64, "alpha": 128}}
+        tune["lr_sweep"].update(settings=["default", "rank64"], grids={"all": [1e-4, 1e-3, 1e-2], "rank64": [1e-5, 3e-5, 1e-4]})
     for swept in study.expand_sweeps(tune):
         paths = []
         for sweep_run, path in zip(swept.runs, swept.records(tune["results"])):
             lr = dict(sweep_run.overrides)["lr"]
-            record = sweep_record(lr, 0, scores[swept.variant][lr], variant=swept.variant)
+            record = sweep_record(lr, 0, scores[swept.variant if swept.setting == "default" else swept.setting][lr], variant=swept.variant)
             record["run"]["hparams"] = run.resolve_hparams("sst2", swept.variant, dict(sweep_run.overrides))
             record["meta"] = {"git_commit": "abc1234", "git_dirty": False}
             paths.append(str(records.write_atomic(path, record)))
@@ -70,7 +78,7 @@ def test_the_rates_file_is_written_from_the_sweeps_and_written_again_the_same(tm
     assert rates.main([tune["results"], "--config", str(tune_path), "--out", str(out)]) == 0
     assert "at the edge of the grid: lora_fa (high)" in capsys.readouterr().out
     written = out.read_text()
-    found = rates.read(out)
+    found = rates.read(out)["default"]
     lora, lora_fa = found["sst2"]["lora"], found["sst2"]["lora_fa"]
     assert lora["lr"] == 1e-3 and lora["at_edge"] is None and lora_fa["lr"] == 1e-2 and lora_fa["at_edge"] == "high"
     assert [entry["mean"] for entry in lora["scores"]] == [0.70, 0.86, 0.51] and lora["grid"] == [1e-4, 1e-3, 1e-2]
@@ -89,7 +97,7 @@ def test_the_default_study_trains_each_run_at_its_tuned_rate_unless_a_later_laye
     study_config.pop("lr_sweep")  # a swept setting takes its sweep's rate, not the file's
     study_config["rates"] = str(tmp_path / "rates.yaml")
     study_config["settings"]["ownlr"] = {"tasks": ["sst2"], "variants": ["lora"], "hparams": {"lr": 5e-4}}
-    tuned = rates.read(tmp_path / "rates.yaml")["sst2"]
+    tuned = rates.read(tmp_path / "rates.yaml")["default"]["sst2"]
     runs = study.expand(study_config)
     for found in runs:
         lr = dict(found.overrides).get("lr")
@@ -99,6 +107,29 @@ def test_the_default_study_trains_each_run_at_its_tuned_rate_unless_a_later_laye
         else:
             assert found.rates is None and found.cli_rates() == "", found
     assert any(found.setting == "ownlr" and dict(found.overrides)["lr"] == 5e-4 for found in runs)
+
+
+def test_a_setting_swept_on_its_own_grid_trains_at_its_own_rate_and_the_others_at_the_default(tmp_path, capsys):
+    """LoRA at rank 64 is tuned on its own grid (lr_sweep.grids names the setting); the file keeps
+    it under settings; the study's rank64 runs (and run --rates --setting rank64) take it, while
+    a setting that was not swept (rank4) trains at the default setting's rate."""
+    tune, tune_path = small_tuning(tmp_path, rank_setting=True)
+    grids = {swept.key: sorted(dict(r.overrides)["lr"] for r in swept.runs) for swept in study.expand_sweeps(tune)}
+    assert grids[("sst2", "lora", "rank64")] == [1e-5, 3e-5, 1e-4] and grids[("sst2", "lora", "default")] == [1e-4, 1e-3, 1e-2]
+    out = tmp_path / "rates.yaml"
+    assert rates.main([tune["results"], "--config", str(tune_path), "--out", str(out)]) == 0
+    assert "sst2 (rank64): 1 rates" in capsys.readouterr().out
+    document = yaml.safe_load(out.read_text())
+    assert document["settings"]["rank64"]["sst2"]["lora"]["lr"] == 3e-5 and document["rates"]["sst2"]["lora"]["lr"] == 1e-3
+    study_config = copy.deepcopy(config("smoke"))
+    study_config.pop("lr_sweep")
+    study_config.update(variants=["lora"], rates=str(out))
+    study_config["settings"].update(rank64={"tasks": ["sst2"], "hparams": {"rank": 64, "alpha": 128}},
+                                    rank4={"tasks": ["sst2"], "hparams": {"rank": 4, "alpha": 8}})
+    lrs = {found.setting: dict(found.overrides)["lr"] for found in study.expand(study_config) if found.task == "sst2"}
+    assert lrs["rank64"] == 3e-5 and lrs["rank4"] == lrs["default"] == 1e-3
+    assert rates.selection_for(out, "sst2", "lora", "rank64")["hparams"] == {"lr": 3e-5}
+    assert rates.selection_for(out, "sst2", "lora", "rank4")["hparams"] == {"lr": 1e-3}
 
 
 def test_a_run_at_its_tuned_rate_keeps_the_grid_and_the_edge_in_its_record(tmp_path):
