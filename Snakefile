@@ -58,7 +58,8 @@ ENV = f"{ROOT}/workflow/envs/lorabench.yaml"
 ANALYSIS = [f"{ROOT}/analysis/{name}.py" for name in ("__init__", "aggregate", "extraction", "significance")]
 SUMMARIES = [f"{RESULTS}/tables/{name}.{ext}" for name in ("summary", "leaderboard", "glue", "lr_selection", "significance") for ext in ("md", "tex")]
 EXTRACTION_TABLES = [
-    f"{RESULTS}/tables/{name}.csv" for name in ("extraction_layers", "extraction_spectrum", "extraction_scores", "extraction_overhead")
+    f"{RESULTS}/tables/{name}.csv" for name in ("extraction_layers", "extraction_spectrum", "extraction_scores", "extraction_overhead",
+                                               "extraction_library", "extraction_library_choice")
 ]
 
 
@@ -200,6 +201,12 @@ rule plots:
             category="Parasitic extraction",
         ),
         cost_pdf=f"{RESULTS}/figures/overhead_vs_interval.pdf",
+        library_png=report(
+            f"{RESULTS}/figures/library_curve.png",
+            caption="analysis/report/library_curve.rst",
+            category="Parasitic extraction",
+        ),
+        library_pdf=f"{RESULTS}/figures/library_curve.pdf",
     log:
         f"{RESULTS}/logs/plots.log",
     params:

@@ -367,7 +367,7 @@ def score_vs_rank(scores: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         axes = figure.subplots(1, max(1, len(tasks)), squeeze=False)[0]
         figure.suptitle("What an adapter extracted from full fine-tuning keeps")
         for ax, task in zip(axes, tasks):
-            rows = scores[scores["task"] == task]
+            rows = extraction.plain(scores[scores["task"] == task])
             by_rank = rows[rows["kind"] == "rank"].groupby("value")["score"].mean()
             ax.plot(by_rank.index, by_rank.values, marker="o", color="#0173b2", label="extracted (rank r everywhere)")
             by_threshold = rows[rows["kind"] == "threshold"].groupby("value")[["mean_rank", "score"]].mean()
@@ -431,6 +431,27 @@ def overhead_vs_interval(overhead: pd.DataFrame) -> Figure:
     return figure
 
 
+def library_curve(curves: pd.DataFrame) -> Figure:
+    """Validation score over training steps: the full fine-tune (its periodic validation) and the
+    adapter extracted at each step, at the threshold and at each fixed rank, with the head of that
+    step. Lines: means over seeds; points: each seed."""
+    tasks = sorted(curves["task"].unique()) or ["no library yet"]
+    names = {"full": "full fine-tune", "threshold": "extracted, EV threshold"}
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        figure = Figure(figsize=(max(7.5, 5.2 * len(tasks)), 4.4), layout="constrained")
+        axes = figure.subplots(1, max(1, len(tasks)), squeeze=False)[0]
+        figure.suptitle("How early does an extracted adapter hold the fine-tune?")
+        for ax, task in zip(axes, tasks):
+            rows = curves[curves["task"] == task].assign(curve=lambda t: t["curve"].map(lambda c: names.get(c, f"extracted, {c}")))
+            if len(rows):
+                sns.lineplot(rows, x="step", y="validation", hue="curve", style="curve", markers=True, dashes=False, errorbar=None, ax=ax)
+                sns.scatterplot(rows, x="step", y="validation", hue="curve", legend=False, alpha=0.35, s=14, ax=ax)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("validation score")
+            ax.set_title(task)
+    return figure
+
+
 def write_extraction_figures(results_dir: str | os.PathLike, found: dict[str, pd.DataFrame], summary: pd.DataFrame) -> list[Path]:
 
     folder = Path(results_dir, "figures")
@@ -438,6 +459,7 @@ def write_extraction_figures(results_dir: str | os.PathLike, found: dict[str, pd
     paths += save(rank_vs_variance(found["extraction_spectrum"], found["extraction_layers"]), folder / "rank_vs_variance")
     paths += save(score_vs_rank(found["extraction_scores"], summary), folder / "score_vs_rank")
     paths += save(overhead_vs_interval(found["extraction_overhead"]), folder / "overhead_vs_interval")
+    paths += save(library_curve(found["extraction_library"]), folder / "library_curve")
     return paths
 
 

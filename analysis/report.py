@@ -506,6 +506,26 @@ def extraction_section(found: dict[str, pd.DataFrame], summary: pd.DataFrame) ->
             if "LoRA score" in rows and pd.notna(best.get("LoRA score")):
                 text += f"; LoRA of the nearest size ({best['LoRA (nearest size)']}) scores {best['LoRA score']:.4f}"
             parts.append(text + ".")
+    quantized = extraction.on_nf4(found["extraction_scores"], summary)
+    if len(quantized):
+        parts.append("### On a 4-bit base\n\n"
+                     "Adapters extracted at the end of the run, scored on the full-precision base and on the same base in NF4 "
+                     "(QLoRA's 4-bit format): plain extraction (dW = W_t - W0) and NF4-aware extraction (dW = W_t - dequant(NF4(W0)), "
+                     "so that the 4-bit base plus the adapter approximates W_t, quantization error included). Means over seeds:\n\n"
+                     + markdown_table(quantized))
+    choices = extraction.library_choices(found["extraction_library_choice"], summary)
+    if len(choices):
+        parts.append("### The library: every extraction's adapter, scored along the run\n\n"
+                     "Each extraction keeps its adapter at the threshold (`seedN.library.safetensors`, `adapters.load(model, path, "
+                     "step=N)` or `best=True`), scored on the validation split with the task head of its own step; the best by "
+                     "validation is also scored on the reported split. Means over seeds:\n\n" + markdown_table(choices))
+        for _, row in choices.iterrows():
+            parts.append(f"**{row['task']}**: the last adapter scores {row['last adapter']:.4f} (mean rank {row['last mean rank']:.1f}), "
+                         f"the best by validation {row['best adapter']:.4f} (from steps {row['best from steps']}), "
+                         f"full fine-tuning {row['full']:.4f}" + (f", LoRA {row['LoRA']:.4f}" if pd.notna(row["LoRA"]) else "") + ".")
+        parts.append("![Library along the run](figures/library_curve.png)\n\n"
+                     "_Validation score at each extraction step: the full fine-tune, and its adapter extracted then (with the head "
+                     "of that step) at the threshold and at fixed ranks._")
     parts += [
         "### Figures",
         "![Rank vs explained variance](figures/rank_vs_variance.png)\n\n"

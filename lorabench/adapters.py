@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lorabench import files, library
+from lorabench import files, library, quantize
 
 FORMAT_VERSION = "2"  # 2: a sha256 of the tensors in the metadata (CHECKSUM_KEY)
 READABLE_VERSIONS = ("1", "2")  # version 1 files have no checksum; load still refuses their NaN and inf
@@ -57,6 +57,11 @@ class Attachment:
 
 def task_heads(model: nn.Module) -> list[str]:
     return [name for name in TASK_HEADS if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The task heads' tensors by ``head.key`` (live, not copies): what a library entry keeps of its step."""
+    return {f"{head}.{key}": tensor for head in task_heads(model) for key, tensor in getattr(model, head).state_dict().items()}
 
 
 def find_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Linear]:
@@ -433,6 +438,9 @@ def _load_library_entry(model: nn.Module, path: str | Path, step: int | None, be
         entry = library.choose(entries, step, best, header.get("higher_is_better", True), path)
     except library.LibraryError as error:
         raise AdapterError(str(error)) from error
+    if header.get("base") == "nf4" and not any(quantize.is_quantized(layer) for layer in find_targets(model, "all-linear").values()):
+        raise AdapterError(f"{path}: its adapters were extracted against an NF4 base (extract.base: nf4) and fit only that base; "
+                           "quantize the model first: quantize.quantize_base(model, 'nf4')")
     if task is not None and header.get("task") not in (None, task):
         raise AdapterError(f"{path}: entries extracted on task {header['task']!r}, not {task!r}; load a library of {task!r}")
     if rank is None or rank in header.get("library_ranks", []):
@@ -440,8 +448,7 @@ def _load_library_entry(model: nn.Module, path: str | Path, step: int | None, be
     else:
         raise AdapterError(f"{path}: rank {rank} is not among its library_ranks {header.get('library_ranks', [])}; "
                            "load the threshold's adapter (rank=None) or extract with extract.library_ranks")
-    heads = {name: getattr(model, name) for name in task_heads(model)}
-    wanted = {f"{name}.{key}": tensor for name, module in heads.items() for key, tensor in module.state_dict().items()}
+    wanted = head_tensors(model)
     if set(wanted) != set(entry.head) or any(wanted[key].shape != entry.head[key].shape for key in wanted):
         raise AdapterError(f"{path}: the entry's task head ({', '.join(f'{k} {tuple(v.shape)}' for k, v in entry.head.items()) or 'none'}) "
                            f"does not fit the model's ({', '.join(f'{k} {tuple(v.shape)}' for k, v in wanted.items()) or 'none'}); "

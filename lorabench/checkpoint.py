@@ -46,7 +46,7 @@ from lorabench import files, measure
 from lorabench.adapters import attachment_of
 
 FORMAT = "lorabench-checkpoint"
-FORMAT_VERSION = "3"  # 2: the extractor's warm-start bases; 3: the step losses divergence is judged on, the threads
+FORMAT_VERSION = "4"  # 2: the extractor's warm-start bases; 3: the step losses divergence is judged on, the threads; 4: the library
 
 
 class CheckpointError(ValueError):

@@ -59,11 +59,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorabench import library, measure
-from lorabench.adapters import find_targets, task_heads
+from lorabench import library, measure, quantize
+from lorabench.adapters import find_targets, head_tensors
 
 TRIGGERS = ("initial", "periodic", "plateau", "validation")
 SNAPSHOTS = ("auto", "mmap", "copy")
+BASES = ("fp32", "nf4")
 SAFETENSORS_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16), "F64": (np.float64, None)}
 
 
@@ -94,6 +95,8 @@ class ExtractConfig:
     eval_thresholds: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
     ev_ranks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64))  # EV recorded at these ranks per layer
     keep: str = "all"  # the library (lorabench/library.py): all, none, last:K or every:K
+    base: str = "fp32"  # nf4: quantization-aware, dW = W_t - dequant(NF4(W0)), and adapters scored on an NF4 base
+    compare_bases: bool = False  # at the end, extract once against the other W0 too and score plain/fp32, plain/nf4, nf4-aware/nf4
     library_ranks: tuple[int, ...] = ()  # fixed ranks each library entry can also be loaded at
 
     @classmethod
@@ -139,6 +142,14 @@ class ExtractConfig:
             raise ExtractConfigError("extract: oversample, niter, warm_niter, exact_below, initial_step must be >= 0 and plateau_window >= 2")
         if self.storage not in ("float", "int8"):
             raise ExtractConfigError(f"extract.storage={self.storage!r}: use float or int8")
+        if self.base not in BASES:
+            raise ExtractConfigError(f"extract.base={self.base!r}: use fp32 (dW = W_t - W0) or nf4 (dW = W_t - dequant(NF4(W0)))")
+        if self.base == "nf4" and self.snapshot == "mmap":
+            raise ExtractConfigError("extract.base=nf4 with snapshot=mmap: dequant(NF4(W0)) is a copy, never the checkpoint's map; "
+                                     "use snapshot: auto or copy")
+        if any(rank > self.max_rank for rank in self.library_ranks):
+            raise ExtractConfigError(f"extract.library_ranks {list(self.library_ranks)}: each must be <= max_rank ({self.max_rank}), "
+                                     "the rank the SVD reaches")
         if self.snapshot not in SNAPSHOTS:
             raise ExtractConfigError(f"extract.snapshot={self.snapshot!r}: use one of {', '.join(SNAPSHOTS)}")
 
@@ -375,6 +386,14 @@ def take_snapshot(matrices: dict[str, nn.Parameter], checkpoint: str | Path | No
     return Snapshot(copies, "copy", sum(t.numel() * t.element_size() for t in copies.values()), 0, time.perf_counter() - started)
 
 
+def nf4_snapshot(matrices: dict[str, nn.Parameter], device: torch.device) -> Snapshot:
+    """dequant(NF4(W0)) of ``matrices``: the W0 of quantization-aware extraction, so that an NF4
+    base plus the adapter approximates W_t, quantization error included. Always a copy."""
+    started = time.perf_counter()
+    copies = {name: quantize.nf4_roundtrip(parameter.detach()).to(device) for name, parameter in matrices.items()}
+    return Snapshot(copies, "nf4", sum(t.numel() * t.element_size() for t in copies.values()), 0, time.perf_counter() - started)
+
+
 def extraction_matrices(model: nn.Module, cfg: ExtractConfig) -> dict[str, nn.Parameter]:
     """Weight matrices to extract, by parameter name: the targeted linear layers' (task and LM
     heads never), plus the embedding tables with ``include_embeddings``."""
@@ -397,10 +416,23 @@ class Extractor:
         self.cfg = cfg
         self.device = device
         self.matrices = extraction_matrices(model, cfg)
-        self.heads = {name: getattr(model, name) for name in task_heads(model)}
+        if cfg.base == "nf4" or cfg.compare_bases:
+            quantize.require_bitsandbytes("extract.base=nf4 or compare_bases")  # before training, not after it
+        if cfg.base == "nf4" and cfg.include_embeddings:
+            raise ExtractConfigError("extract.base=nf4 with include_embeddings: an NF4 base keeps its embedding tables in full precision; "
+                                     "leave include_embeddings off")
+        self.model = model  # its task heads, copied into each library entry
         self.library = None if cfg.keep == "none" else library.Library(cfg.keep, cfg.threshold, cfg.min_rank, cfg.max_rank,
                                                                          cfg.library_ranks, higher_is_better)
-        self.snapshot = take_snapshot(self.matrices, checkpoint, cfg.snapshot, device)
+        self.snapshot = take_snapshot(self.matrices, checkpoint, cfg.snapshot, device) if cfg.base == "fp32" \
+            else nf4_snapshot(self.matrices, device)
+        # Quantization-aware extraction compared with plain extraction keeps W0 itself as well.
+        self.original = None
+        if cfg.base == "nf4" and cfg.compare_bases:
+            original = take_snapshot(self.matrices, checkpoint, cfg.snapshot, device)
+            self.original = original.weights
+            self.snapshot.copied_bytes += original.copied_bytes
+            self.snapshot.mapped_bytes += original.mapped_bytes
         self.initial_step = cfg.initial_step or max(1, warmup_steps)
         self.losses: list[float] = []
         self.best_validation: float | None = None
@@ -468,10 +500,9 @@ class Extractor:
         entry = {"step": step, "triggers": triggers, "loss": loss, "validation": validation, "seconds": seconds, "flops": flops, "layers": {}}
         if self.library is not None:
             # Forming U and V is this extraction's only extra work for the library; timed and counted apart.
-            head = {f"{name}.{key}": tensor for name, module in self.heads.items() for key, tensor in module.state_dict().items()}
+            head = head_tensors(self.model)
             widths = {name: 0 if found.ritz is None and found.basis is None else found.basis.shape[1] for name, found in layers.items()}
             kept = self.library.add(step, triggers, loss if loss is not None else float("nan"), validation, layers, head, seconds, widths)
-            measure.synchronize(self.device)
             entry["library"] = {"factor_seconds": kept.factor_seconds, "factor_flops": kept.factor_flops, "entries": len(self.library.entries),
                                 "bytes": self.library.nbytes()}
             self.library_seconds += kept.factor_seconds
@@ -486,6 +517,23 @@ class Extractor:
             }
         self.extractions.append(entry)
         return entry
+
+    @torch.no_grad()
+    def against_other_base(self) -> tuple[dict[str, Spectrum], float]:
+        """The last step's spectra against the other W0 (``compare_bases``): W0 itself when the run
+        extracts against dequant(NF4(W0)), and the other way round; cold sketches. With the seconds."""
+        measure.synchronize(self.device)
+        started = time.perf_counter()
+        other = {}
+        for name, parameter in self.matrices.items():
+            if self.cfg.base == "fp32":
+                w0 = quantize.nf4_roundtrip(self.snapshot.weights[name].to(parameter.device, torch.float32))
+            else:
+                w0 = self.original[name].to(parameter.device, torch.float32)
+            other[name] = spectrum(parameter.detach().float() - w0, self.cfg.max_rank, self.cfg.oversample, self.cfg.niter,
+                                   self.cfg.exact_below, self.generator)
+        measure.synchronize(self.device)
+        return other, time.perf_counter() - started
 
     @property
     def total_seconds(self) -> float:

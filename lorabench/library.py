@@ -50,11 +50,12 @@ def parse_keep(keep: str) -> tuple[str, int]:
     raise ValueError(f"extract.keep={keep!r}: use all, none, last:K or every:K with K >= 1 (last:3 keeps the three latest adapters)")
 
 
-def factor_flops(d_out: int, d_in: int, width: int, rank: int) -> int:
+def factor_flops(d_out: int, d_in: int, width: int, formed: int, rank: int) -> int:
     """Floating-point operations of forming a randomized extraction's U and V (``extract.ritz_vectors``:
-    the eigenvectors of the q x q Gram matrix, about 9 q^3; V = basis W, 2 n q^2; U = Q W_r,
-    2 m q r) and the factors B, A (scaling by sqrt(S), (m + n) r). An exact SVD has them already."""
-    return 9 * width**3 + 2 * d_in * width**2 + 2 * d_out * width * rank + (d_out + d_in) * rank
+    the eigenvectors of the q x q Gram matrix, about 9 q^3; V = basis W, 2 n q^2; U = Q W at all
+    ``formed`` = max_rank columns, 2 m q formed) and the factors B, A of ``rank`` (scaling by
+    sqrt(S), (m + n) rank). An exact SVD has U and V already."""
+    return 9 * width**3 + 2 * d_in * width**2 + 2 * d_out * width * formed + (d_out + d_in) * rank
 
 
 @dataclass
@@ -111,12 +112,12 @@ class Library:
             rank, ev = found.rank_for(self.threshold, self.min_rank, self.max_rank)
             stored = min(len(found.S), max(rank, *self.library_ranks)) if self.library_ranks else rank
             B, A = found.factors(stored)
-            factors[name] = (B.detach().cpu().clone(), A.detach().cpu().clone())
+            factors[name] = (B.detach().to("cpu", copy=True), A.detach().to("cpu", copy=True))
             ranks[name], explained[name] = rank, ev
             if widths.get(name):
-                flops += factor_flops(B.shape[0], A.shape[1], widths[name], stored)
+                flops += factor_flops(B.shape[0], A.shape[1], widths[name], len(found.S), stored)
         entry = Entry(self.extractions, step, list(triggers), float(loss), validation, ranks, explained, seconds,
-                      time.perf_counter() - started, flops, factors, {key: value.detach().cpu().clone() for key, value in head.items()})
+                      time.perf_counter() - started, flops, factors, {key: value.detach().to("cpu", copy=True) for key, value in head.items()})
         self.extractions += 1
         self.entries.append(entry)
         self.entries = [kept for kept in self.entries if self._keeps(kept)]
@@ -210,12 +211,15 @@ def read(path: str | Path) -> tuple[dict[str, Any], list[Entry]]:
             metadata = handle.metadata()
     except (SafetensorError, OSError) as error:
         raise LibraryError(f"{path}: corrupt library file ({error}); rerun the fine-tune that wrote it") from error
+    bad = sorted(name for name, tensor in stored.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+    if bad:
+        raise LibraryError(f"{path}: tensors {bad[:3]} hold NaN or infinite values; the file is corrupt or its run diverged")
     if adapters.tensor_checksum(stored) != metadata.get(adapters.CHECKSUM_KEY):
         raise LibraryError(f"{path}: the tensors' sha256 differs from the one in its header (bytes changed after it was written); "
                            "the file is corrupt: rerun the fine-tune that wrote it")
     try:
         return header, [_entry(about, stored) for about in header["entries"]]
-    except KeyError as error:
+    except (KeyError, TypeError) as error:
         raise LibraryError(f"{path}: entry tensors missing ({error}); the file is corrupt: rerun the fine-tune that wrote it") from error
 
 
@@ -227,7 +231,7 @@ def choose(entries: list[Entry], step: int | None = None, best: bool = False, hi
         raise LibraryError(f"{path}: name one entry: step=N or best=True")
     if best:
         scored = [(entry.scores.get("threshold", entry.validation), entry) for entry in entries]
-        scored = [(value, entry) for value, entry in scored if value is not None]
+        scored = [(value, entry) for value, entry in scored if value is not None and value == value]  # NaN: not a score
         if not scored:
             raise LibraryError(f"{path}: no entry has a validation score (validation did not run at an extraction step); "
                                "choose one with step=N")

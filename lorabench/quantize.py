@@ -14,6 +14,7 @@ bitsandbytes runs these layers on CPU (slowly: they dequantize at every call) an
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 FORMATS = ("none", "nf4", "int8")
@@ -56,6 +57,17 @@ def quantized_copy(layer: nn.Linear, fmt: str) -> nn.Linear:
     return quantized.to(device)  # moving a bitsandbytes layer is what quantizes its weight
 
 
+def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """dequant(NF4(``weight``)): the matrix an NF4 base computes with in place of ``weight``, from
+    the same bitsandbytes layer ``quantize_base`` builds (its output equals x @ this^T exactly)."""
+    bnb = _bitsandbytes()
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    quantized = quantized_copy(layer, "nf4").weight
+    return bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state).to(weight.device, torch.float32)
+
+
 def quantize_base(model: nn.Module, fmt: str) -> list[str]:
     """Replace every base linear layer by its quantized copy, in place; the names replaced.
 
@@ -81,3 +93,11 @@ def quantize_base(model: nn.Module, fmt: str) -> list[str]:
 def is_quantized(layer: nn.Module) -> bool:
     weight = getattr(layer, "weight", None)
     return weight is not None and not weight.is_floating_point()
+
+
+def require_bitsandbytes(what: str) -> None:
+    """Refuse ``what`` before a run starts when bitsandbytes is missing, rather than after training."""
+    try:
+        _bitsandbytes()
+    except QuantizeError as error:
+        raise QuantizeError(f"{what}: {error}") from error

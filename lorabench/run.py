@@ -524,50 +524,73 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
                        train_seconds: float, record: dict) -> dict[str, Any]:
     """The record's ``extraction``: what each extraction found and cost, then the base model
     plus the adapters extracted at the last step, scored at each rank and threshold asked for
-    (with the fine-tuned task head, which a new head needs), and the adapter at the run's
-    threshold saved beside the record."""
+    (with the fine-tuned task head, which a new head needs; on an NF4 base for ``base: nf4``, and
+    with ``compare_bases`` also plain and quantization-aware extraction side by side), the adapter
+    at the run's threshold saved beside the record, and the library scored."""
     section = extractor.summary(train_seconds, extract.training_flops(tuned, record["train"]["tokens"]))
     if not extractor.last:
         section["evaluations"] = []
         return section
-    base, _ = load_model(task, hparams)
-    base.to(device)
-    for head in adapters.task_heads(base):
-        getattr(base, head).load_state_dict(getattr(tuned, head).state_dict())
+    cfg = extractor.cfg
+    bases = {kind: scoring_base(task, hparams, tuned, device, kind) for kind in ("fp32", "nf4")
+             if kind == cfg.base or cfg.compare_bases}
+    own = "plain" if cfg.base == "fp32" else "nf4-aware"
+    plans = [(own, extractor.last, cfg.base)]
+    if cfg.compare_bases:
+        other, seconds = extractor.against_other_base()
+        section["compare_bases"] = {"seconds": seconds}
+        plans = [("plain", extractor.last if own == "plain" else other, "fp32"), ("plain", extractor.last if own == "plain" else other, "nf4"),
+                 ("nf4-aware", other if own == "plain" else extractor.last, "nf4")]
     evaluations = []
-    for kind, value, ranks in extract.adapter_plan(extractor.last, extractor.cfg):
-        extract.attach_extracted(base, extractor.last, ranks)
-        with autocast(device, train_cfg.precision):
-            metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
-        evaluations.append({"kind": kind, "value": value, "metrics": metrics, "primary_value": metrics[task.primary],
-                            "trainable": measure.parameter_counts(base)["trainable"],
-                            "mean_rank": sum(ranks.values()) / len(ranks),
-                            "ranks": {extract.layer_name(name): rank for name, rank in ranks.items()}})
-        if kind == "threshold" and value == extractor.cfg.threshold and hparams["save_adapter"]:
-            about = {"task": task.name, "model": hparams["model"], "extracted_from": str(out), "threshold": str(value)}
-            path = adapters.save(base, out.with_suffix(".extracted.safetensors"), about)
-            section["adapter_path"], section["adapter_bytes"] = str(path), measure.file_bytes(path)
-            if extractor.cfg.storage == "int8":
-                # What int8 storage costs: the same adapter saved as int8, loaded back and scored.
-                path = adapters.save(base, out.with_suffix(".extracted.int8.safetensors"), about, storage="int8")
-                section["int8_adapter_path"], section["int8_adapter_bytes"] = str(path), measure.file_bytes(path)
-                adapters.detach(base)
-                adapters.load(base, path)
-                with autocast(device, train_cfg.precision):
-                    metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
-                evaluations.append({**evaluations[-1], "kind": "threshold_int8", "metrics": metrics, "primary_value": metrics[task.primary]})
-        adapters.detach(base)
+    for extraction, spectra, base_kind in plans:
+        base = bases[base_kind]
+        for kind, value, ranks in extract.adapter_plan(spectra, cfg):
+            extract.attach_extracted(base, spectra, ranks)
+            with autocast(device, train_cfg.precision):
+                metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+            evaluations.append({"kind": kind, "value": value, "extraction": extraction, "base": base_kind, "metrics": metrics,
+                                "primary_value": metrics[task.primary], "trainable": measure.parameter_counts(base)["trainable"],
+                                "mean_rank": sum(ranks.values()) / len(ranks),
+                                "ranks": {extract.layer_name(name): rank for name, rank in ranks.items()}})
+            if (extraction, base_kind) == (own, cfg.base) and kind == "threshold" and value == cfg.threshold and hparams["save_adapter"]:
+                about = {"task": task.name, "model": hparams["model"], "extracted_from": str(out), "threshold": str(value),
+                         "extraction": own, "base": cfg.base}
+                path = adapters.save(base, out.with_suffix(".extracted.safetensors"), about)
+                section["adapter_path"], section["adapter_bytes"] = str(path), measure.file_bytes(path)
+                if cfg.storage == "int8":
+                    # What int8 storage costs: the same adapter saved as int8, loaded back and scored.
+                    path = adapters.save(base, out.with_suffix(".extracted.int8.safetensors"), about, storage="int8")
+                    section["int8_adapter_path"], section["int8_adapter_bytes"] = str(path), measure.file_bytes(path)
+                    adapters.detach(base)
+                    adapters.load(base, path)
+                    with autocast(device, train_cfg.precision):
+                        metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+                    evaluations.append({**evaluations[-1], "kind": "threshold_int8", "metrics": metrics, "primary_value": metrics[task.primary]})
+            adapters.detach(base)
     section["evaluations"] = evaluations
     if extractor.library is not None and extractor.library.entries:
-        section["library"] = library_section(extractor.library, base, tokenizer, task, splits, encoded, hparams, train_cfg, device, out)
+        section["library"] = library_section(extractor.library, bases[cfg.base], tokenizer, task, splits, encoded, hparams, train_cfg,
+                                             device, out)
     return section
+
+
+def scoring_base(task: tasks.Task, hparams: dict[str, Any], tuned, device: torch.device, kind: str):
+    """The base model extracted adapters are scored on: full precision, or with its linear
+    layers in NF4 (``quantize_base``); with the fine-tuned task head in either."""
+    base, _ = load_model(task, hparams)
+    base.to(device)  # then quantized where it runs, as the training path and nf4_roundtrip quantize
+    if kind == "nf4":
+        quantize.quantize_base(base, "nf4")
+    for head in adapters.task_heads(base):
+        getattr(base, head).load_state_dict(getattr(tuned, head).state_dict())
+    return base
 
 
 def library_section(kept: library.Library, base, tokenizer, task, splits, encoded, hparams, train_cfg, device, out: Path) -> dict[str, Any]:
     """Every adapter of the library scored on the validation split (at the threshold and at each
     fixed library rank) with the task head of its own step, the best by validation also on the
     reported split; then the library saved beside the record with those scores."""
-    heads = {f"{name}.{key}": tensor for name in adapters.task_heads(base) for key, tensor in getattr(base, name).state_dict().items()}
+    heads = adapters.head_tensors(base)
     for entry in kept.entries:
         with torch.no_grad():
             for key, tensor in entry.head.items():
@@ -588,10 +611,12 @@ def library_section(kept: library.Library, base, tokenizer, task, splits, encode
         library.attach_factors(base, best.factors, best.ranks)
         with autocast(device, train_cfg.precision):
             metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+        trainable = measure.parameter_counts(base)["trainable"]
         adapters.detach(base)
         section["best"] = {"step": best.step, "validation": best.scores["threshold"], "metrics": metrics, "primary_value": metrics[task.primary],
-                           "mean_rank": sum(best.ranks.values()) / len(best.ranks)}
-    path = kept.save(out.with_suffix(".library.safetensors"), {"task": task.name, "model": hparams["model"], "extracted_from": str(out)})
+                           "mean_rank": sum(best.ranks.values()) / len(best.ranks), "trainable": trainable}
+    path = kept.save(out.with_suffix(".library.safetensors"), {"task": task.name, "model": hparams["model"], "extracted_from": str(out),
+                                                               "base": extract.ExtractConfig.from_dict(hparams["extract"]).base})
     section.update(path=str(path), bytes=measure.file_bytes(path), memory_bytes=kept.nbytes(), entries=[entry.about() for entry in kept.entries])
     return section
 

@@ -273,7 +273,7 @@ def test_cost_vs_full_draws_one_bar_per_variant_against_full(summary, tmp_path):
     assert not sst2_activation.containers  # no activation memory recorded: nothing drawn
 
 
-def write_extraction_run(results, interval, evaluations):
+def write_extraction_run(results, interval, evaluations, library=None, val_curve=()):
     """A full run on sst2 whose record carries an extraction section with known numbers."""
     hparams = {"lr": 1e-4, "max_steps": 100}
     run = {"task": "sst2", "variant": "full", "setting": f"every{interval}", "model": "minilm", "seed": 0, "hparams": hparams,
@@ -282,14 +282,14 @@ def write_extraction_run(results, interval, evaluations):
     layers = {"bert.encoder.layer.0.attention.self.query.weight": {"rank": 4, "explained": 0.92, "norm": 2.0, "explained_at": {"1": 0.5, "4": 0.92}},
               "bert.encoder.layer.0.output.dense.weight": {"rank": 8, "explained": 0.9, "norm": 3.0, "explained_at": {"1": 0.3, "4": 0.7}}}
     extractions = [{"step": step, "triggers": ["periodic"], "seconds": 0.5, "flops": 10, "layers": layers} for step in range(interval, 101, interval)]
-    record.update(status="ok", params={"trainable": FULL_PARAMS, "total": FULL_PARAMS}, train={"steps": 100, "wall_s": 60.0},
+    record.update(status="ok", params={"trainable": FULL_PARAMS, "total": FULL_PARAMS}, train={"steps": 100, "wall_s": 60.0, "val_curve": list(val_curve)},
                   eval={"split": "dev", "n": 872, "metrics": {"accuracy": 0.9}, "primary": "accuracy", "primary_value": 0.9},
                   extraction={"config": {"interval": interval, "threshold": 0.9},
                               "snapshot": {"kind": "mmap", "copied_mb": 0.0, "mapped_mb": 86.0, "seconds": 0.1},
                               "extractions": extractions,
                               "overhead": {"seconds": 0.5 * len(extractions), "train_seconds": 50.0, "percent_time": len(extractions),
                                            "flops": 10 * len(extractions), "train_flops": 1e4, "percent_flops": 0.1 * len(extractions)},
-                              "evaluations": evaluations})
+                              "evaluations": evaluations, **({"library": library} if library else {})})
     records.write_atomic(records.record_path(results, "sst2", "full", f"every{interval}", 0), record)
 
 
@@ -437,3 +437,30 @@ def test_a_cost_range_over_one_variant_is_one_value():
     assert "training tokens/s 1.50x (lora)" in text and "from" not in text
     two = pd.concat([one, pd.DataFrame([row("dora", 80.0, 45.0, 900.0)])], ignore_index=True)
     assert "training tokens/s from 0.90x (dora) to 1.50x (lora)" in report.cost_findings(two)
+
+
+def test_the_library_tables_figure_and_report_from_known_records(tmp_path):
+    """Library entries become curves beside the full model's validation, and the best and last
+    adapters a row per run and a sentence per task with their numbers."""
+    from analysis import extraction, report
+
+    ranks = {"a.weight": 4, "b.weight": 8}
+    entries = [{"step": 50, "ranks": ranks, "scores": {"threshold": 0.86, "rank8": 0.84}},
+               {"step": 100, "ranks": {"a.weight": 8, "b.weight": 8}, "scores": {"threshold": 0.83, "rank8": 0.83}}]
+    library = {"entries": entries, "best": {"step": 50, "validation": 0.86, "primary_value": 0.82, "mean_rank": 6.0}, "bytes": 3 * 2**20}
+    evaluations = [{"kind": "threshold", "value": 0.9, "primary_value": 0.80, "trainable": 2000, "mean_rank": 8.0, "metrics": {}}]
+    write_extraction_run(tmp_path, 50, evaluations, library=library, val_curve=[[50, 0.88], [100, 0.87]])
+    write_run(tmp_path, "sst2", "lora", 0, 0.85, trainable=2500)
+    found = aggregate.write_extraction_tables(tmp_path)
+    curves = found["extraction_library"].set_index(["step", "curve"])
+    assert curves.loc[(50, "full"), "validation"] == 0.88 and curves.loc[(50, "threshold"), "mean_rank"] == 6.0
+    assert curves.loc[(100, "rank8"), "validation"] == 0.83 and len(curves) == 6
+    summary = aggregate.summarize(aggregate.tidy(aggregate.load_runs(tmp_path)))
+    choice = extraction.library_choices(found["extraction_library_choice"], summary).iloc[0]
+    assert (choice["full"], choice["last adapter"], choice["best adapter"], choice["best from steps"], choice["LoRA"]) == (0.9, 0.80, 0.82, "50", 0.85)
+    assert choice["library MB"] == 3.0
+    figure = plots.library_curve(found["extraction_library"])
+    assert {"full fine-tune", "extracted, EV threshold", "extracted, rank8"} <= set(figure.axes[0].get_legend_handles_labels()[1])
+    text = report.build_report(tmp_path).read_text()
+    assert ("**sst2**: the last adapter scores 0.8000 (mean rank 8.0), the best by validation 0.8200 (from steps 50), "
+            "full fine-tuning 0.9000, LoRA 0.8500.") in text

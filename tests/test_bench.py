@@ -64,6 +64,8 @@ def test_quick_benchmark_runs_every_section_with_finite_ratios(quick_run):
     assert "passed" in extraction["intervals"]["50"]
     assert 0 < extraction["products_floor_over_step"] and extraction["cold_extraction_over_step"] > 0
     assert extraction["snapshot"]["copied_mb"] + extraction["snapshot"]["mapped_mb"] > 0
+    long = extraction["long_batch"]  # the realistic batch, against its own target
+    assert long["tokens_per_step"] >= bench.LONG_BATCH[0] and long["intervals"]["50"]["target_percent"] == bench.LONG_BATCH_TARGET[1]
 
     jobs = figures["jobs"]
     assert jobs["threads_per_job"] == max(1, jobs["cores"] // 2)

@@ -165,3 +165,59 @@ def test_a_bad_keep_names_the_setting_and_the_fix():
     for bad in ("first:2", "last:0", "every"):
         with pytest.raises(extract.ExtractConfigError, match=f"extract.keep='{bad}': use all, none, last:K or every:K"):
             ExtractConfig.from_dict({"keep": bad})
+    with pytest.raises(extract.ExtractConfigError, match=r"library_ranks \[128\]: each must be <= max_rank \(64\)"):
+        ExtractConfig.from_dict({"library_ranks": [128]})
+    with pytest.raises(extract.ExtractConfigError, match="base=nf4 with snapshot=mmap"):
+        ExtractConfig.from_dict({"base": "nf4", "snapshot": "mmap"})
+
+
+def test_best_skips_an_entry_whose_score_is_not_a_number():
+    extractor, _ = fine_tune(FULL_RANK, steps=2, validations={1: float("nan"), 2: 0.6})
+    assert library.choose(extractor.library.entries, best=True).step == 2
+
+
+def test_nf4_aware_extraction_at_full_rank_is_the_fine_tune_on_an_nf4_base_and_plain_extraction_is_not(tmp_path):
+    """dW = W_t - dequant(NF4(W0)) at full rank puts back what quantizing the base took away."""
+    pytest.importorskip("bitsandbytes")
+    from lorabench import quantize
+
+    extractor, logits = fine_tune(ExtractConfig(**{**vars(FULL_RANK), "base": "nf4", "compare_bases": True}), steps=2)
+    assert extractor.snapshot.kind == "nf4"
+    plain, seconds = extractor.against_other_base()
+    assert seconds > 0
+    gaps = {}
+    for name, spectra in (("nf4-aware", extractor.last), ("plain", plain)):
+        base = build_model("bert")
+        quantize.quantize_base(base, "nf4")
+        extract.attach_extracted(base, spectra, {matrix: len(found.S) for matrix, found in spectra.items()})
+        base.classifier.load_state_dict(extractor.model.classifier.state_dict())
+        with torch.no_grad():
+            gaps[name] = float((base(**make_batch()).logits - logits[2]).abs().max())
+    assert gaps["nf4-aware"] < 1e-5 < 1e-3 < gaps["plain"], gaps  # measured: 1.5e-7 and 3.6e-3
+    path = extractor.library.save(tmp_path / "lib.safetensors", {"task": "sst2", "base": "nf4"})
+    with pytest.raises(adapters.AdapterError, match="extracted against an NF4 base .* quantize the model first"):
+        adapters.load(build_model("bert"), path, step=2)
+    quantized = build_model("bert")
+    quantize.quantize_base(quantized, "nf4")
+    adapters.load(quantized, path, step=2)
+    with torch.no_grad():
+        assert float((quantized(**make_batch()).logits - logits[2]).abs().max()) < 1e-5
+
+
+def test_a_run_compares_plain_and_nf4_aware_extraction_on_both_bases(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lorabench import records, run
+    from tests.helpers import tiny_sst2
+
+    settings = {"max_steps": 4, "batch_size": 8, "timing_warmup_steps": 1, "log_every": 1, "threads": 1,
+                "data_dir": str(tiny_sst2(tmp_path / "data")),
+                "extract": {"interval": 2, "max_rank": 8, "eval_ranks": [8], "eval_thresholds": [0.9], "keep": "none",
+                            "compare_bases": True}}
+    out = tmp_path / "seed0.json"
+    run.execute("sst2", "full", 0, "default", settings, out)
+    section = records.read(out)["extraction"]
+    assert [(e["extraction"], e["base"], e["kind"]) for e in section["evaluations"]] == [
+        (extraction, base, kind) for extraction, base in (("plain", "fp32"), ("plain", "nf4"), ("nf4-aware", "nf4"))
+        for kind in ("rank", "threshold")]
+    assert section["compare_bases"]["seconds"] > 0 and "library" not in section
+    assert all(0 <= e["primary_value"] <= 1 for e in section["evaluations"])

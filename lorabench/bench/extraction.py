@@ -11,8 +11,8 @@ from typing import Any
 import tasks
 import variants
 from lorabench import adapters, extract, measure
-from lorabench.bench import EXTRACTION_INTERVALS, EXTRACTION_TARGET
-from lorabench.bench.common import Setup, mark, storage_bytes
+from lorabench.bench import EXTRACTION_INTERVALS, EXTRACTION_TARGET, LONG_BATCH, LONG_BATCH_TARGET
+from lorabench.bench.common import Setup, mark, storage_bytes, synthetic_examples
 from lorabench.train import train
 
 
@@ -49,16 +49,32 @@ class TimedExtractor(extract.Extractor):
 
 
 def section_extraction(setup: Setup, steps: int) -> dict[str, Any]:
+    """The extraction overhead on the bench's batches, then on a realistic long batch (``LONG_BATCH``,
+    synthetic tokens: the cost depends on shapes, not values) over the fewest steps that give
+    warm extractions, each against its own target."""
+    result = measure_extraction(setup, steps, setup.examples, setup.train_cfg.batch_size, EXTRACTION_TARGET)
+    tokens, length = LONG_BATCH
+    length = min(length, setup.base.config.max_position_embeddings)
+    size = math.ceil(tokens / length)
+    vocab = setup.base.config.vocab_size
+    long_steps = 3 * EXTRACTION_INTERVALS[0]
+    examples = synthetic_examples(long_steps * size, vocab, (length, length), seed=0)
+    result["long_batch"] = measure_extraction(setup, long_steps, examples, size, LONG_BATCH_TARGET)
+    return result
+
+
+def measure_extraction(setup: Setup, steps: int, examples: list[dict], batch_size: int, target: tuple[int, float]) -> dict[str, Any]:
     interval = EXTRACTION_INTERVALS[0]
-    print(f"\n== extraction: {steps} steps of full fine-tuning (train.train) with an Extractor every {interval} steps ==")
+    print(f"\n== extraction: {steps} steps of full fine-tuning (train.train) on batches of {batch_size}, with an Extractor "
+          f"every {interval} steps ==")
     full = variants.get("full")
     model = setup.fresh_model()
     adapters.attach(model, full, full.Config())
-    cfg = dataclasses.replace(setup.train_cfg, max_steps=steps, lr=5e-5, log_every=steps)  # lr: a full fine-tune's
+    cfg = dataclasses.replace(setup.train_cfg, max_steps=steps, lr=5e-5, log_every=steps, batch_size=batch_size)  # lr: a full fine-tune's
     extract_cfg = extract.ExtractConfig(interval=interval)
     extractor = TimedExtractor(model, extract_cfg, setup.checkpoint, setup.device,
                                warmup_steps=math.ceil(cfg.warmup_ratio * steps), seed=0)
-    trained = train(model, full, full.Config(), tasks.get("sst2"), setup.examples, [], cfg, setup.pad_id, setup.device, seed=0,
+    trained = train(model, full, full.Config(), tasks.get("sst2"), examples, [], cfg, setup.pad_id, setup.device, seed=0,
                     extractor=extractor)
     pairs = extractor.paired()
     cold, warm = pairs[0][0] / pairs[0][1], statistics.median(seconds / step for seconds, step in pairs[1:])
@@ -88,7 +104,7 @@ def section_extraction(setup: Setup, steps: int) -> dict[str, Any]:
           f"{cold:.3f} steps ({result['cold_extraction_ms']:.1f} ms)")
     print(f"the floor: the two products with dW of {width} columns each warm extraction needs are {products:.3f} training "
           f"steps' FLOPs (4 x {width} / (6 x tokens a step))")
-    target_interval, target_percent = EXTRACTION_TARGET
+    target_interval, target_percent = target
     for every in EXTRACTION_INTERVALS:
         entry = {"percent_time": 100 * warm / every, "percent_flops": 100 * warm_flops / (every * step_flops),
                  "percent_floor": 100 * products / every}
