@@ -84,15 +84,19 @@ def converted_checkpoint(model: NamedModel, package_folder: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(package_folder, gguf_file=model.gguf_file)
-        loaded = AutoModelForCausalLM.from_pretrained(package_folder, gguf_file=model.gguf_file, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    config = loaded.config
-    config.__dict__.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.state_dict())
+    # Building the models draws random initial weights from torch's global generator, which the
+    # run has seeded already: without fork_rng the first run on an empty cache initialized its
+    # adapter from other numbers than every later run (E2E LoRA BLEU 46.44 against 51.16).
+    with torch.random.fork_rng(devices=[]):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(package_folder, gguf_file=model.gguf_file)
+            loaded = AutoModelForCausalLM.from_pretrained(package_folder, gguf_file=model.gguf_file, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        config = loaded.config
+        config.__dict__.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(loaded.state_dict())
     staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
     try:
         plain.save_pretrained(staging)
