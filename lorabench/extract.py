@@ -447,35 +447,60 @@ class Extractor:
         self.differences: dict[torch.Size, torch.Tensor] = {}  # dW's buffer, one per matrix shape
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def triggers(self, step: int, loss: float, validation: float | None, higher_is_better: bool) -> list[str]:
+    def triggers(self, step: int, loss: float | None, validation: float | None, higher_is_better: bool) -> list[str]:
+        """The triggers that fire at ``step``. The plateau trigger reads the losses given so far
+        (None: no loss at this step, as between a Trainer's logs), the validation trigger the scores."""
         fired = []
         cfg = self.cfg
         if "initial" in cfg.triggers and step == self.initial_step:
             fired.append("initial")
         if "periodic" in cfg.triggers and step % cfg.interval == 0:
             fired.append("periodic")
-        self.losses.append(loss)
-        if "plateau" in cfg.triggers and step >= self.plateau_quiet_until and len(self.losses) >= cfg.plateau_window:
-            window = self.losses[-cfg.plateau_window :]
-            scale = abs(sum(window) / len(window)) or 1.0
-            if (max(window) - min(window)) / scale < cfg.plateau_tolerance:
-                fired.append("plateau")
-                self.plateau_quiet_until = step + cfg.plateau_window
-        if validation is not None:
-            improved = self.best_validation is None or (validation > self.best_validation if higher_is_better else validation < self.best_validation)
-            if improved:
-                if "validation" in cfg.triggers and self.best_validation is not None:
-                    fired.append("validation")
-                self.best_validation = validation
-        return fired
+        if loss is not None:
+            self.losses.append(loss)
+            if "plateau" in cfg.triggers and step >= self.plateau_quiet_until and len(self.losses) >= cfg.plateau_window:
+                window = self.losses[-cfg.plateau_window :]
+                scale = abs(sum(window) / len(window)) or 1.0
+                if (max(window) - min(window)) / scale < cfg.plateau_tolerance:
+                    fired.append("plateau")
+                    self.plateau_quiet_until = step + cfg.plateau_window
+        return fired + self.validation_trigger(validation, higher_is_better)
 
-    def after_step(self, step: int, max_steps: int, loss: float, validation: float | None = None, higher_is_better: bool = True) -> bool:
+    def validation_trigger(self, validation: float | None, higher_is_better: bool) -> list[str]:
+        """``["validation"]`` when ``validation`` improves on the best score so far (not the first score)."""
+        if validation is None:
+            return []
+        improved = self.best_validation is None or (validation > self.best_validation if higher_is_better else validation < self.best_validation)
+        if not improved:
+            return []
+        first = self.best_validation is None
+        self.best_validation = validation
+        return ["validation"] if "validation" in self.cfg.triggers and not first else []
+
+    def after_step(self, step: int, max_steps: int, loss: float | None, validation: float | None = None, higher_is_better: bool = True) -> bool:
         """Extract when a trigger fires or at the last step; True when it did."""
         fired = self.triggers(step, loss, validation, higher_is_better)
         if step == max_steps:
             fired.append("final")
         if fired:
             self.extract(step, fired, loss, validation)
+        return bool(fired)
+
+    def after_validation(self, step: int, validation: float, higher_is_better: bool = True) -> bool:
+        """A validation score that comes after its step was handled (a Trainer evaluates after
+        ``on_step_end``): extract when it fires the validation trigger; when the step extracted
+        already, its extraction (and library entry) takes the score and the trigger instead. True
+        when it extracted."""
+        fired = self.validation_trigger(validation, higher_is_better)
+        if self.extractions and self.extractions[-1]["step"] == step:
+            self.extractions[-1]["validation"] = validation
+            self.extractions[-1]["triggers"] += fired
+            if self.library is not None and self.library.entries and self.library.entries[-1].step == step:
+                self.library.entries[-1].validation = validation
+                self.library.entries[-1].triggers += fired
+            return False
+        if fired:
+            self.extract(step, fired, None, validation)
         return bool(fired)
 
     @torch.no_grad()

@@ -27,9 +27,10 @@ import yaml
 from lorabench import files, records, sweep
 
 FORMAT = "lorabench-rates/1"
-# What decides the rate's meaning: a rate tuned at other budgets or data is another rate.
+# What decides the rate's meaning: a rate tuned at other budgets or data is another rate. How often a
+# run validates is not among them: validation draws no random number and changes no step.
 BUDGET_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum", "warmup_ratio", "max_length", "truncation", "train_size",
-               "val_size", "val_min_words", "data_seed", "eval_every", "model")
+               "val_size", "val_min_words", "data_seed", "model")
 
 
 class RatesError(ValueError):

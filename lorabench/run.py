@@ -569,8 +569,11 @@ def extraction_section(extractor, tuned, tokenizer, task, splits, encoded, hpara
             adapters.detach(base)
     section["evaluations"] = evaluations
     if extractor.library is not None and extractor.library.entries:
+        # The last extraction's adapter at the run's threshold, on the run's base, with the final head: scored above already.
+        final = next((evaluation for evaluation in evaluations if (evaluation["extraction"], evaluation["base"], evaluation["kind"],
+                      evaluation["value"]) == (own, cfg.base, "threshold", cfg.threshold)), None)
         section["library"] = library_section(extractor.library, bases[cfg.base], tokenizer, task, splits, encoded, hparams, train_cfg,
-                                             device, out)
+                                             device, out, (extractor.extractions[-1]["step"], final))
     return section
 
 
@@ -586,10 +589,12 @@ def scoring_base(task: tasks.Task, hparams: dict[str, Any], tuned, device: torch
     return base
 
 
-def library_section(kept: library.Library, base, tokenizer, task, splits, encoded, hparams, train_cfg, device, out: Path) -> dict[str, Any]:
+def library_section(kept: library.Library, base, tokenizer, task, splits, encoded, hparams, train_cfg, device, out: Path,
+                    final: tuple[int, dict | None] = (-1, None)) -> dict[str, Any]:
     """Every adapter of the library scored on the validation split (at the threshold and at each
     fixed library rank) with the task head of its own step, the best by validation also on the
-    reported split; then the library saved beside the record with those scores."""
+    reported split (unless it is the last step's, whose score ``final`` = (step, its evaluation)
+    holds); then the library saved beside the record with those scores."""
     heads = adapters.head_tensors(base)
     for entry in kept.entries:
         with torch.no_grad():
@@ -605,14 +610,18 @@ def library_section(kept: library.Library, base, tokenizer, task, splits, encode
     section: dict[str, Any] = {"keep": kept.keep, "library_ranks": list(kept.library_ranks), "extractions": kept.extractions}
     if encoded.get("val"):
         best = library.choose(kept.entries, best=True, higher_is_better=kept.higher_is_better)
-        with torch.no_grad():
-            for key, tensor in best.head.items():
-                heads[key].copy_(tensor)
-        library.attach_factors(base, best.factors, best.ranks)
-        with autocast(device, train_cfg.precision):
-            metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
-        trainable = measure.parameter_counts(base)["trainable"]
-        adapters.detach(base)
+        final_step, scored = final
+        if best.step == final_step and scored is not None:
+            metrics, trainable = scored["metrics"], scored["trainable"]
+        else:
+            with torch.no_grad():
+                for key, tensor in best.head.items():
+                    heads[key].copy_(tensor)
+            library.attach_factors(base, best.factors, best.ranks)
+            with autocast(device, train_cfg.precision):
+                metrics = score(base, tokenizer, task, splits["eval"], encoded["eval"], train_cfg.eval_batch_size, device)
+            trainable = measure.parameter_counts(base)["trainable"]
+            adapters.detach(base)
         section["best"] = {"step": best.step, "validation": best.scores["threshold"], "metrics": metrics, "primary_value": metrics[task.primary],
                            "mean_rank": sum(best.ranks.values()) / len(best.ranks), "trainable": trainable}
     path = kept.save(out.with_suffix(".library.safetensors"), {"task": task.name, "model": hparams["model"], "extracted_from": str(out),

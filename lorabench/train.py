@@ -43,7 +43,10 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     eval_every: int = 0
-    eval_batch_size: int = 128
+    # Scoring batches of 32 examples of similar length: on one CPU thread, batches of 128 scored
+    # SST-2 dev in 5.8 s against 4.8, 500 IMDB reviews in 15.7 against 13.6 and E2E's references
+    # in 18.6 against 14.4 (wider activations fall out of cache, longer batches pad more).
+    eval_batch_size: int = 32
     log_every: int = 10
     timing_warmup_steps: int = 5
     bucket_batches: int = 50

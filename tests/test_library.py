@@ -161,6 +161,29 @@ def test_a_full_run_keeps_scores_and_saves_its_library(tmp_path):
     assert overhead["library_seconds"] > 0 and overhead["seconds"] == pytest.approx(overhead["svd_seconds"] + overhead["library_seconds"])
 
 
+def test_the_best_adapter_when_it_is_the_last_takes_the_score_of_the_last_extraction_at_the_threshold(tmp_path, monkeypatch):
+    """The last step's adapter at the run's threshold, with the final head, is scored on the
+    reported split among the extraction's evaluations; as the library's best it is not scored
+    again, and its score is the one scoring it again gives."""
+    from lorabench import records, run
+    from tests.helpers import tiny_sst2
+
+    settings = {"max_steps": 4, "batch_size": 8, "timing_warmup_steps": 1, "log_every": 1, "threads": 1, "eval_every": 2, "val_size": 8,
+                "data_dir": str(tiny_sst2(tmp_path / "data")),
+                "extract": {"interval": 2, "max_rank": 8, "eval_ranks": [], "eval_thresholds": [0.9], "keep": "all"}}
+    monkeypatch.setattr(library, "choose", lambda entries, **_: entries[-1])
+    scored_again = run.library_section
+    monkeypatch.setattr(run, "library_section", lambda *args: scored_again(*args[:-1]))  # without the last extraction's evaluation
+    run.execute("sst2", "full", 0, "default", settings, tmp_path / "again.json")
+    monkeypatch.setattr(run, "library_section", scored_again)
+    run.execute("sst2", "full", 0, "default", settings, tmp_path / "reused.json")
+    again, reused = (records.read(tmp_path / f"{name}.json")["extraction"] for name in ("again", "reused"))
+    assert reused["library"]["best"]["step"] == 4
+    assert reused["library"]["best"] == again["library"]["best"]
+    threshold = reused["evaluations"][0]
+    assert (reused["library"]["best"]["metrics"], reused["library"]["best"]["trainable"]) == (threshold["metrics"], threshold["trainable"])
+
+
 def test_a_bad_keep_names_the_setting_and_the_fix():
     for bad in ("first:2", "last:0", "every"):
         with pytest.raises(extract.ExtractConfigError, match=f"extract.keep='{bad}': use all, none, last:K or every:K"):
