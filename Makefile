@@ -11,7 +11,7 @@ TUNE ?= config/tune.yaml
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run smoke costs tune test test-variant report lint clean
+.PHONY: run smoke costs nf4 tune test test-variant report lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ smoke: run
 # What gradient checkpointing and other extraction intervals cost (results/costs/report.md).
 costs: CONFIG = config/costs.yaml
 costs: run
+
+# Extracted adapters on a 4-bit base: plain and NF4-aware extraction, fp32 and NF4 bases, beside qlora (results/nf4/report.md).
+nf4: CONFIG = config/nf4.yaml
+nf4: run
 
 # The tuning study: every variant's learning-rate sweep on every task at the default study's
 # budgets (no final runs), then config/rates.yaml from their records, which `make run` reads.

@@ -501,24 +501,37 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
         raise AdapterError(f"variant {variant.name!r} is not a plain LoRA update (variants/{variant.name}.py sets no "
                            "PEFT_LORA = True), so PEFT's LoRA format cannot express it; merge() it instead")
     cfg = attachment.config
+    heads = {f"{head}.{key}": tensor for head in attachment.heads for key, tensor in getattr(model, head).state_dict().items()}
+    return write_peft(folder, {name: (layer.lora_A, layer.lora_B) for name, layer in attachment.layers.items()}, heads, cfg.rank, cfg.alpha,
+                      {name: values["rank"] for name, values in attachment.overrides.items() if "rank" in values},
+                      {name: values["alpha"] for name, values in attachment.overrides.items() if "alpha" in values},
+                      base_model_name_or_path, cfg.dropout)
+
+
+def write_peft(folder: str | Path, layers: dict[str, tuple[torch.Tensor, torch.Tensor]], heads: dict[str, torch.Tensor], rank: int,
+               alpha: float, rank_pattern: dict[str, int], alpha_pattern: dict[str, float], base_model_name_or_path: str | None,
+               dropout: float = 0.0) -> Path:
+    """PEFT's LoRA folder: ``layers`` (module name -> (lora_A (r, in), lora_B (out, r))) at ``rank`` and
+    ``alpha`` except where the patterns say otherwise (PEFT scales each by alpha / r), the task
+    heads' tensors (``head.key``) as ``modules_to_save``; a sequence classifier with heads, else a causal LM."""
     tensors = {}
-    for name, layer in attachment.layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
-    for head in attachment.heads:
-        for key, tensor in getattr(model, head).state_dict().items():
-            tensors[f"base_model.model.{head}.{key}"] = tensor.detach().contiguous().cpu()
+    for name, (A, B) in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
+    for key, tensor in heads.items():
+        tensors[f"base_model.model.{key}"] = tensor.detach().contiguous().cpu()
+    modules_to_save = sorted({key.split(".")[0] for key in heads})
     config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if attachment.heads else "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if modules_to_save else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": sorted(attachment.layers),
-        "rank_pattern": {name: values["rank"] for name, values in attachment.overrides.items() if "rank" in values},
-        "alpha_pattern": {name: values["alpha"] for name, values in attachment.overrides.items() if "alpha" in values},
-        "modules_to_save": attachment.heads or None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(layers),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": modules_to_save or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

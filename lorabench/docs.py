@@ -1,26 +1,36 @@
-"""README's variants table, generated from the variant files themselves.
+"""README's variants table and docs/variants.md's notes, generated from the variant files themselves.
 
     python -m lorabench.docs            # print the table
-    python -m lorabench.docs --write    # replace the table between README's markers
+    python -m lorabench.docs --write    # replace the table between README's markers, and the notes in docs/variants.md
 
 Each row comes from a variant's docstring (title, the first line citing arXiv, and the
 first line under "Formula", which by convention is the adapted layer's output)
-and its ``trainable_count`` evaluated on the default encoder's layers, so the table cannot
-drift from the code; a test compares README with this output.
+and its ``trainable_count`` evaluated on the default encoder's layers; each method's notes are
+its whole docstring (formula, claims, defaults and departures) with the rates the tuning study
+chose for it (config/rates.yaml). Neither can drift from the code: a test compares both pages
+with this output.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import sys
+import textwrap
 from pathlib import Path
+
+import yaml
 
 import variants
 from lorabench import adapters
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+VARIANTS_PAGE = ROOT / "docs" / "variants.md"
+RATES = ROOT / "config" / "rates.yaml"
 START, END = "<!-- variants-table:start -->", "<!-- variants-table:end -->"
+NOTES_START, NOTES_END = "<!-- variant-notes:start -->", "<!-- variant-notes:end -->"
 TABLE_MODEL = "minilm"
 
 
@@ -76,29 +86,83 @@ def table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_readme(path: Path = README) -> bool:
-    """Put the current table between the markers; True when README changed."""
+def docstring_markdown(variant) -> str:
+    """A variant's docstring after its title and citation, as Markdown: ``Formula`` as a code
+    block, other headed sections (``Claims``...) as lists, the rest as paragraphs."""
+    lines = inspect.cleandoc(variant.__doc__).splitlines()
+    body = "\n".join(line.rstrip() for line in lines[1:] if "arXiv:" not in line).strip()
+    parts = []
+    for block in re.split(r"\n\s*\n", body):
+        rows = block.splitlines()
+        header = rows[0].strip()
+        if len(rows) > 1 and re.fullmatch(r"[A-Z][a-z]+", header) and rows[1].startswith(" "):
+            content = textwrap.dedent("\n".join(rows[1:]))
+            if header == "Formula":
+                parts.append(f"**{header}**\n\n```text\n{content}\n```")
+            else:
+                items = re.split(r"\n(?=- )", content)
+                parts.append(f"**{header}**\n\n" + "\n".join("- " + " ".join(item.removeprefix("- ").split()) for item in items))
+        else:
+            parts.append(" ".join(block.split()))
+    return "\n\n".join(parts)
+
+
+def tuned_rates(variant_name: str, path: Path = RATES) -> str:
+    """The rates the tuning study chose for the variant, by task, or '' without a rates file."""
+    if not path.is_file():
+        return ""
+    found = yaml.safe_load(path.read_text()).get("rates", {})
+    chosen = [f"{task} {by_variant[variant_name]['lr']:g}" + (f" (at the {by_variant[variant_name]['at_edge']} edge of its grid)"
+                                                               if by_variant[variant_name].get("at_edge") else "")
+              for task, by_variant in found.items() if variant_name in by_variant]
+    return f"Tuned learning rates ([tuning.md](tuning.md)): {', '.join(chosen)}." if chosen else ""
+
+
+def notes() -> str:
+    """docs/variants.md's per-method notes."""
+    sections = []
+    for name, variant in variants.REGISTRY.items():
+        facts = docstring_facts(variant)
+        cited = f"[{facts['authors']}](https://arxiv.org/abs/{facts['arxiv']})" if facts["arxiv"] else facts["authors"]
+        rates = tuned_rates(name)
+        sections.append(f"### `{name}`: {facts['title']}\n\n{cited}; `variants/{name}.py`.\n\n{docstring_markdown(variant)}"
+                        + (f"\n\n{rates}" if rates else ""))
+    return "\n\n".join(sections) + "\n"
+
+
+def replace_between(path: Path, start: str, end: str, content: str) -> bool:
+    """Put ``content`` between the ``start`` and ``end`` markers of ``path``; True when it changed."""
     text = path.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{path}: add the lines {START} and {END} where the variants table goes")
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    updated = f"{before}{START}\n{table()}{END}{after}"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: add the lines {start} and {end} where the generated text goes")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    updated = f"{before}{start}\n{content}{end}{after}"
     path.write_text(updated)
     return updated != text
 
 
+def between(path: Path, start: str, end: str) -> str:
+    return path.read_text().split(start, 1)[1].split(end, 1)[0].lstrip("\n")
+
+
+def write_readme(path: Path = README) -> bool:
+    """Put the current table between the markers; True when README changed."""
+    return replace_between(path, START, END, table())
+
+
 def readme_table(path: Path = README) -> str:
-    text = path.read_text()
-    return text.split(START, 1)[1].split(END, 1)[0].lstrip("\n")
+    return between(path, START, END)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lorabench.docs", description="README's variants table")
+    parser = argparse.ArgumentParser(prog="python -m lorabench.docs", description="README's variants table and docs/variants.md's notes")
     parser.add_argument("--write", action="store_true", help=f"update {README.name} in place")
     args = parser.parse_args(argv)
     if args.write:
         print(f"{README}: {'updated' if write_readme() else 'already up to date'}")
+        changed = replace_between(VARIANTS_PAGE, NOTES_START, NOTES_END, notes())
+        print(f"{VARIANTS_PAGE}: {'updated' if changed else 'already up to date'}")
     else:
         sys.stdout.write(table())
     return 0

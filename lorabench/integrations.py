@@ -55,8 +55,6 @@ from lorabench import adapters, extract, files, library
 
 STATE_FILE = "parasitic_extraction.safetensors"  # inside each Trainer checkpoint folder
 STATE_KEY = "lorabench.extraction_state"
-PEFT_TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
-                   "ForQuestionAnswering": "QUESTION_ANS"}
 
 
 class ExtractionError(ValueError):
@@ -77,35 +75,16 @@ def base_checkpoint(model: nn.Module) -> Path | None:
         return None
 
 
-def peft_task_type(model: nn.Module) -> str | None:
-    """PEFT's task type for the model's class (SEQ_CLS for ...ForSequenceClassification), or None."""
-    return next((kind for suffix, kind in PEFT_TASK_TYPES.items() if type(model).__name__.endswith(suffix)), None)
-
-
-def save_peft(entry: library.Entry, folder: str | Path, base_model: str, task_type: str | None, rank: int | None = None) -> Path:
-    """``entry`` (at its threshold's ranks, or ``rank``) as a PEFT LoRA adapter folder: lora_A is
-    (r, in), lora_B (out, r), each layer's rank in ``rank_pattern`` and its alpha equal to it
-    (scale 1, as extracted), the entry's task head as ``modules_to_save``."""
-    ranks = entry.ranks_at(rank)
-    tensors, layers = {}, {}
-    for name, (B, A) in entry.factors.items():
-        layer = name.removesuffix(".weight")
-        layers[layer] = ranks[name]
-        tensors[f"base_model.model.{layer}.lora_A.weight"] = A[: ranks[name]].contiguous()
-        tensors[f"base_model.model.{layer}.lora_B.weight"] = B[:, : ranks[name]].contiguous()
-    heads = sorted({key.split(".")[0] for key in entry.head})
-    tensors.update({f"base_model.model.{key}": tensor.contiguous() for key, tensor in entry.head.items()})
-    top = max(layers.values())
-    config = {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model, "r": top, "lora_alpha": top,
-              "target_modules": sorted(layers), "rank_pattern": layers, "alpha_pattern": layers, "modules_to_save": heads or None,
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "init_lora_weights": True, "inference_mode": True}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with files.atomic_path(folder / "adapter_model.safetensors") as temporary:
-        save_file(tensors, temporary, metadata={"format": "pt", "extracted_at_step": str(entry.step)})
-    files.write_text_atomic(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-    return folder
+def save_peft(entry: library.Entry, folder: str | Path, base_model: str, rank: int | None = None) -> Path:
+    """``entry`` (at its threshold's ranks, or ``rank``) as a PEFT LoRA adapter folder: each layer's
+    rank in ``rank_pattern`` and its alpha equal to it (scale 1, as extracted), the entry's task
+    head as ``modules_to_save``."""
+    ranks = {name.removesuffix(".weight"): r for name, r in entry.ranks_at(rank).items()}
+    layers = {layer: (A[: ranks[layer]], B[:, : ranks[layer]]) for layer, (B, A) in
+              ((name.removesuffix(".weight"), factors) for name, factors in entry.factors.items())}
+    top = max(ranks.values())
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return adapters.write_peft(folder, layers, entry.head, top, float(top), ranks, {name: float(r) for name, r in ranks.items()}, base_model)
 
 
 class Extraction:
@@ -173,7 +152,7 @@ class Extraction:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         kept.save(folder / "library.safetensors", {"model": self.base, "task": type(self.model).__name__})
-        save_peft(entry, folder / "adapter", self.base, peft_task_type(self.model), rank)
+        save_peft(entry, folder / "adapter", self.base, rank)
         summary = self.extractor.summary(self.loop_seconds, train_flops or 0.0)
         summary["adapter"] = {"which": which, "step": entry.step, "rank": rank, "mean_rank": sum(entry.ranks_at(rank).values()) / len(entry.ranks)}
         files.write_text_atomic(folder / "extraction.json", json.dumps(summary, indent=2, default=float) + "\n")

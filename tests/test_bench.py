@@ -78,6 +78,10 @@ def test_quick_benchmark_runs_every_section_with_finite_ratios(quick_run):
     assert scoring["shared_prompts"] == 4 and finite(scoring["shared_over_full"])
     assert scoring["relative_loss_gap"] < 1e-5  # sharing a prompt's pass changes what is computed, not the loss
 
+    trainer = figures["trainer"]
+    assert finite(trainer["with_over_plain"]) and finite(trainer["warm_extraction_over_step"]) and finite(trainer["percent_time_at_50"])
+    assert all(finite(value) for value in trainer["logged_percent_time"]) and "Trainer with the callback / without" in printed
+
 
 def test_ours_and_peft_agree_on_the_step0_loss(quick_run):
     figures, _ = quick_run

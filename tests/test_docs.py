@@ -1,4 +1,4 @@
-"""README's variants table is generated from the variant files and must not go stale."""
+"""README's variants table and docs/variants.md's notes are generated from the variant files and must not go stale."""
 
 import variants
 from lorabench import docs
@@ -7,6 +7,35 @@ from lorabench import docs
 def test_readme_table_is_current():
     assert docs.readme_table() == docs.table(), \
         "README's variants table is stale: make test regenerates it (python -m lorabench.docs --write); commit README.md"
+
+
+def test_the_variants_page_notes_are_current_and_name_every_variant():
+    assert docs.between(docs.VARIANTS_PAGE, docs.NOTES_START, docs.NOTES_END) == docs.notes(), \
+        "docs/variants.md's notes are stale: make test regenerates them (python -m lorabench.docs --write); commit docs/variants.md"
+    for name in variants.REGISTRY:
+        assert f"### `{name}`:" in docs.notes() and f"`variants/{name}.py`" in docs.notes()
+
+
+def test_a_docstring_becomes_markdown_with_its_formula_as_code_and_its_claims_as_a_list():
+    class Variant:
+        __doc__ = """Title.
+
+        Someone (2024), arXiv:2401.00001.
+
+        Formula
+            y = W x
+            second line
+
+        Claims
+            - first claim,
+              continued
+            - second claim
+
+        Defaults: r = 8.
+        """
+    text = docs.docstring_markdown(Variant)
+    assert text == ("**Formula**\n\n```text\ny = W x\nsecond line\n```\n\n**Claims**\n\n- first claim, continued\n- second claim"
+                    "\n\nDefaults: r = 8.")
 
 
 def test_every_variant_gives_the_table_a_formula_and_a_paper():

@@ -95,6 +95,18 @@ def test_a_trainer_run_writes_a_library_and_a_peft_folder_that_peft_loads_to_the
     assert summary["overhead"]["train_flops"] == pytest.approx(trainer.state.total_flos) and summary["overhead"]["percent_flops"] > 0
 
 
+def test_under_bf16_mixed_precision_the_adapter_is_extracted_in_float32(tmp_path):
+    callback = integrations.ParasiticExtraction({"interval": 3, "max_rank": 8}, tmp_path / "extracted")
+    trainer = trainer_for(tmp_path, callback, max_steps=3, bf16=True, eval_strategy="no")
+    trainer.train()
+    (entry,) = library.read(tmp_path / "extracted" / "library.safetensors")[1]
+    assert entry.step == 3 and all(B.dtype == A.dtype == torch.float32 and torch.isfinite(B @ A).all() for B, A in entry.factors.values())
+    base, tokenizer = encoder()
+    adapters.load(base, tmp_path / "extracted" / "library.safetensors", step=3)
+    theirs = peft.PeftModel.from_pretrained(encoder()[0], str(tmp_path / "extracted" / "adapter"))
+    torch.testing.assert_close(logits_of(theirs, tokenizer), logits_of(base, tokenizer), rtol=1e-5, atol=1e-5)
+
+
 def test_the_validation_trigger_and_the_best_adapter_follow_the_trainers_metric(tmp_path):
     callback = integrations.ParasiticExtraction({"interval": 100, "triggers": ["validation"], "max_rank": 8}, tmp_path / "extracted",
                                                 which="best")

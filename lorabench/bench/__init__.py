@@ -42,15 +42,19 @@ Sections (``--only NAME``, repeatable):
 ``scoring``     a decoder's perplexity of E2E's test references as the default study scores them,
                 the references of one prompt sharing one pass over it, against each reference
                 teacher-forced in full (the same loss within float rounding).
+``trainer``     a ``transformers.Trainer`` full fine-tune (``--extraction-steps`` steps) with the
+                ``ParasiticExtraction`` callback every 10 steps and without, alternately, twice:
+                the runtime ratio (hooks and W0's snapshot included), and from the callback's own
+                clocks each warm extraction against the mean step, as a share at interval 50.
 
 Modules: ``common`` holds what every section measures on (``Setup``, ``make_setup``), the timing
 and memory counters (``side_by_side``, ``held_for_backward``, ``Trainee``) and the rest that more
 than one section uses (PEFT's config of a method, our r=8 LoRA); ``peft``, ``overhead``,
-``extraction``, ``jobs`` and ``scoring`` hold one section each; ``__main__`` the command. The
+``extraction``, ``jobs``, ``scoring`` and ``trainer`` hold one section each; ``__main__`` the command. The
 targets and names below are here for the sections and the tests alike.
 """
 
-SECTIONS = ("peft", "overhead", "extraction", "jobs", "scoring")
+SECTIONS = ("peft", "overhead", "extraction", "jobs", "scoring", "trainer")
 METHODS = ("lora", "dora", "vera", "pissa", "delora", "adalora", "qlora")
 SPEED_TARGET = {"dora": 1.15}  # tokens/s ours / PEFT at least this; 1.0 for the others
 MEMORY_TARGET = 1.0  # memory ours / PEFT at most this

@@ -21,6 +21,7 @@ from lorabench.bench.jobs import section_jobs
 from lorabench.bench.overhead import section_overhead
 from lorabench.bench.peft import section_peft
 from lorabench.bench.scoring import section_scoring
+from lorabench.bench.trainer import section_trainer
 
 DEFAULTS = {"warmup": 3, "rounds": 25, "extraction_steps": 60, "threads": 0}
 QUICK = {"warmup": 1, "rounds": 3, "extraction_steps": 20, "threads": 1}  # tiny models run fastest on one thread
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["jobs"] = section_jobs(setup)
     if "scoring" in sections:
         figures["scoring"] = section_scoring(setup, args.decoder, args.quick)
+    if "trainer" in sections:
+        figures["trainer"] = section_trainer(setup, args.extraction_steps)
     about["seconds"] = time.perf_counter() - started
     print(f"\n{about['seconds']:.0f} s in all")
     if args.json:
