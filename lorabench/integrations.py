@@ -28,13 +28,15 @@ The Trainer callback reads the loss the Trainer logs (the plateau trigger sees o
 ``logging_steps``; its window counts logs) and the metric it evaluates (``metric_for_best_model``,
 by default ``eval_loss``; ``greater_is_better`` as the Trainer reads it). Gradient accumulation
 counts optimizer steps, as the Trainer does; mixed precision changes nothing (dW is formed in
-float32). Under DDP every process holds the same weights after a step: rank 0 extracts and saves,
-the others do nothing. Sharded weights (FSDP, DeepSpeed ZeRO-3) are refused when training starts:
-a shard's W - W0 is not the layer's update, and gathering every layer at every extraction is not
-an overhead this design can claim. Checkpoints: the callback saves its state in each Trainer
-checkpoint (``parasitic_extraction.safetensors``) and resumes from it; W0 is snapshotted when
-the Trainer is built (``on_init_end``), before a resumed run loads its checkpoint's weights, so
-give the callback to the Trainer's constructor rather than ``add_callback`` when resuming.
+float32). W0 is the weights as training starts (``on_train_begin``: after ``model_init``, on the
+device and in the dtype they train in); a resumed run, whose checkpoint's weights are loaded by
+then, keeps the snapshot taken when the Trainer was built (``on_init_end``), so give the callback
+to the Trainer's constructor rather than ``add_callback`` when resuming. Each Trainer checkpoint
+keeps the callback's state (``parasitic_extraction.safetensors``). A run stopped early extracts
+at the step it stopped. Under DDP every process holds the same weights after a step: rank 0
+extracts and saves, the others do nothing. Sharded weights (FSDP, DeepSpeed ZeRO-3, DTensors)
+are refused when training starts: a shard's W - W0 is not the layer's update, and gathering every
+layer at every extraction is not an overhead this design can claim.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,36 +108,58 @@ class Extraction:
         device = next(model.parameters()).device
         self.extractor = extract.Extractor(model, cfg, checkpoint, device, warmup_steps, seed, higher_is_better)
         self.higher_is_better = higher_is_better
-        self.loop_seconds = 0.0  # training between calls, the extractions' own seconds left out
-        self.last_call: float | None = None
+        self.loop_seconds = 0.0  # training time, the extractions' own seconds left out
+        # The plain loop's time is the time between calls, from creation; the Trainer callback times
+        # its steps itself (on_step_begin to on_step_end), leaving evaluation and logging out.
+        self.last_call: float | None = time.perf_counter()
 
     def set_warmup(self, warmup_steps: int) -> None:
         """The initial trigger's step (the end of warm-up), when it is known only once training starts."""
         self.extractor.initial_step = self.extractor.cfg.initial_step or max(1, warmup_steps)
 
-    def _clock(self) -> None:
-        now = time.perf_counter()
+    def _timed(self, extract_now) -> bool:
+        """Run ``extract_now``; the loop's time since the last call is counted, the extraction's is not."""
         if self.last_call is not None:
-            self.loop_seconds += now - self.last_call
-        self.last_call = now
+            self.loop_seconds += time.perf_counter() - self.last_call
+        extracted = extract_now()
+        if self.last_call is not None:
+            self.last_call = time.perf_counter()
+        return extracted
 
     def after_step(self, step: int, max_steps: int, loss: float | None = None, validation: float | None = None) -> bool:
         """After optimizer step ``step`` (from 1) of ``max_steps``: extract when a trigger fires or at
         the last step. ``loss`` feeds the plateau trigger, ``validation`` the validation trigger
         (None: not measured at this step). True when it extracted."""
-        self._clock()
-        before = self.extractor.total_seconds
-        extracted = self.extractor.after_step(step, max_steps, loss, validation, self.higher_is_better)
-        self.last_call += self.extractor.total_seconds - before  # the extraction is not training time
-        return extracted
+        return self._timed(lambda: self.extractor.after_step(step, max_steps, loss, validation, self.higher_is_better))
 
     def after_validation(self, step: int, validation: float) -> bool:
         """A validation score measured after ``after_step(step, ...)`` was called."""
-        self._clock()
-        before = self.extractor.total_seconds
-        extracted = self.extractor.after_validation(step, validation, self.higher_is_better)
-        self.last_call += self.extractor.total_seconds - before
-        return extracted
+        return self._timed(lambda: self.extractor.after_validation(step, validation, self.higher_is_better))
+
+    def finish(self, step: int, loss: float | None = None) -> bool:
+        """The last extraction of a run that stopped before ``max_steps`` (early stopping), unless
+        ``step`` extracted already. True when it extracted."""
+        extractions = self.extractor.extractions
+        if extractions and extractions[-1]["step"] == step:
+            return False
+        return self._timed(lambda: bool(self.extractor.extract(step, ["final"], loss)))
+
+    def follow(self, model: nn.Module) -> None:
+        """W0 onto the device and dtype of each weight as training holds it (a resumed run whose
+        weights moved or were cast after the snapshot), and the sketches' generator with them."""
+        extractor = self.extractor
+        weights = dict(model.named_parameters())
+        for name in extractor.matrices:
+            now = weights[name]
+            extractor.matrices[name] = now
+            stored = extractor.snapshot.weights[name]
+            if stored.device != now.device or stored.dtype != now.dtype:
+                extractor.snapshot.weights[name] = stored.to(now.device, now.dtype)
+        device = next(iter(extractor.matrices.values())).device
+        if device != extractor.device:
+            extractor.device = device
+            extractor.generator = torch.Generator(device=device).manual_seed(extractor.generator.initial_seed())
+            extractor.differences.clear()
 
     def overhead(self, train_flops: float | None = None) -> dict[str, Any]:
         """Seconds (and FLOPs, given the training's) of extraction against the loop's."""
@@ -182,9 +207,12 @@ class Extraction:
         self.loop_seconds = state["loop_seconds"]
 
 
-def refuse_sharded(args) -> None:
-    """Raise ``ExtractionError`` for training arguments that shard the weights (FSDP, DeepSpeed ZeRO-3)."""
-    if getattr(args, "fsdp", None):
+def refuse_sharded(args, model: nn.Module | None = None) -> None:
+    """Raise ``ExtractionError`` for training that shards the weights (FSDP, by the Trainer's
+    arguments or accelerate's launcher; DeepSpeed ZeRO-3; tensor-parallel DTensors)."""
+    import os
+
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise ExtractionError("FSDP shards the weights: each process holds part of every layer, so W - W0 there is not the layer's "
                               "update. Extract from DDP or single-process training, or from the saved full checkpoints "
                               "(python -m lorabench.extract).")
@@ -192,55 +220,76 @@ def refuse_sharded(args) -> None:
     if deepspeed is not None and getattr(deepspeed, "is_zero3", lambda: False)():
         raise ExtractionError("DeepSpeed ZeRO-3 shards the weights: W - W0 on one process is not the layer's update. Use ZeRO-1 or "
                               "ZeRO-2 (whole weights on every process), or extract from the saved full checkpoints.")
+    if model is not None and any(type(parameter).__name__ == "DTensor" for parameter in model.parameters()):
+        raise ExtractionError("the model's weights are DTensors (tensor parallelism or FSDP2): each process holds a shard, so "
+                              "W - W0 there is not the layer's update. Extract from DDP or single-process training.")
 
 
 class ParasiticExtraction(transformers.TrainerCallback):
     """A ``transformers.Trainer`` callback: extracts on the configured triggers as the Trainer
     trains and writes the library, a PEFT adapter folder and the overhead into ``output_dir``
-    when training ends (see the module's docstring)."""
+    when training ends (see the module's docstring). ``resume_from``: the checkpoint folder a
+    resumed run starts from, when it is not ``output_dir/checkpoint-<step>``."""
 
     def __init__(self, config: dict[str, Any] | None = None, output_dir: str | Path = "extracted", which: str = "last",
-                 base: str | Path | None = None):
+                 base: str | Path | None = None, resume_from: str | Path | None = None):
         self.config = extract.ExtractConfig.from_dict(dict(config or {}))
         if which not in ("last", "best"):
             raise ExtractionError(f"ParasiticExtraction(which={which!r}): use 'last' or 'best' (the best validation score)")
-        self.output_dir, self.which, self.base = Path(output_dir), which, base
+        self.output_dir, self.which, self.base, self.resume_from = Path(output_dir), which, base, resume_from
         self.extraction: Extraction | None = None
         self.pending: int | None = None  # a step whose loss or evaluation the Trainer logs after on_step_end
         self.loss: float | None = None
+        self.step_started: float | None = None
 
     def _start(self, args, state, model) -> None:
-        if self.extraction is None and model is not None and state.is_world_process_zero:
+        if model is not None and state.is_world_process_zero:
             higher = bool(args.greater_is_better) if args.greater_is_better is not None else False
             self.extraction = Extraction(model, self.config, seed=args.seed, higher_is_better=higher, base=self.base)
+            self.extraction.last_call = None  # the callback times the steps
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._start(args, state, model)  # W0 before a resumed run loads its checkpoint's weights
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        refuse_sharded(args)
+        refuse_sharded(args, model)
         if not state.is_world_process_zero:
             return
-        if self.extraction is None:
-            if state.global_step > 0:
-                raise ExtractionError("resuming a Trainer run: the callback was added after the Trainer was built, so it never saw W0; "
-                                      "pass it in Trainer(callbacks=[...])")
+        if state.global_step == 0:
+            # W0 as training starts: the model model_init built, on the device and in the dtype it trains in.
+            self.extraction = None
             self._start(args, state, model)
+        elif self.extraction is None:
+            raise ExtractionError("resuming a Trainer run: the callback was added after the Trainer was built, so it never saw W0; "
+                                  "pass it in Trainer(callbacks=[...])")
+        else:
+            self.extraction.follow(model)
+            folder = Path(self.resume_from) if self.resume_from else Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not (folder / STATE_FILE).is_file():
+                raise ExtractionError(f"resuming at step {state.global_step}: {folder / STATE_FILE} is missing, so the extractions "
+                                      "before it are lost; resume from a checkpoint the callback saved (ParasiticExtraction("
+                                      "resume_from=...) names one outside output_dir), or start again")
+            self.extraction.load_state(folder / STATE_FILE)
         self.extraction.set_warmup(args.get_warmup_steps(state.max_steps))
-        if state.global_step > 0:
-            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-            if not saved.is_file():
-                raise ExtractionError(f"resuming at step {state.global_step}: {saved} is missing, so the extractions before it are lost; "
-                                      "resume from a checkpoint the callback saved, or start again")
-            self.extraction.load_state(saved)
-        self.extraction.last_call = None
+
+    def _flush(self, state) -> None:
+        """The pending step, whose log or evaluation never came, before the weights move on."""
+        if self.pending is not None:
+            self.extraction.after_step(self.pending, state.max_steps, self.loss)
+            self.pending, self.loss = None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.extraction is None:
+            return
+        self._flush(state)
+        self.step_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.extraction is None:
             return
-        if self.pending is not None:  # a step whose log or evaluation never came
-            self.extraction.after_step(self.pending, state.max_steps, self.loss)
-            self.pending, self.loss = None, None
+        if self.step_started is not None:
+            self.extraction.loop_seconds += time.perf_counter() - self.step_started
+            self.step_started = None
         # The Trainer logs the loss and evaluates after on_step_end: wait for them where they come.
         if control.should_log or control.should_evaluate:
             self.pending = state.global_step
@@ -272,17 +321,26 @@ class ParasiticExtraction(transformers.TrainerCallback):
         elif value is not None:
             self.extraction.after_validation(state.global_step, value)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.extraction is None:
+            return
+        self._flush(state)
+        if control.should_training_stop:  # stopped before max_steps (early stopping): the weights it stops with
+            self.extraction.finish(state.global_step)
+
     def on_save(self, args, state, control, **kwargs):
         if self.extraction is None:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             self.extraction.save_state(folder / STATE_FILE)
+        else:
+            warnings.warn(f"ParasiticExtraction: no checkpoint folder {folder} to keep the extraction state in; a run resumed from "
+                          "this checkpoint needs ParasiticExtraction(resume_from=...) naming the folder the state is in", stacklevel=2)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.extraction is None:
             return
-        if self.pending is not None:  # a log or evaluation that never came
-            self.extraction.after_step(self.pending, state.max_steps, self.loss)
-            self.pending, self.loss = None, None
+        self._flush(state)
+        self.extraction.finish(state.global_step)  # nothing when the last step extracted, as it does
         self.extraction.save(self.output_dir, self.which, train_flops=float(state.total_flos) or None)

@@ -110,7 +110,7 @@ def test_under_bf16_mixed_precision_the_adapter_is_extracted_in_float32(tmp_path
 def test_the_validation_trigger_and_the_best_adapter_follow_the_trainers_metric(tmp_path):
     callback = integrations.ParasiticExtraction({"interval": 100, "triggers": ["validation"], "max_rank": 8}, tmp_path / "extracted",
                                                 which="best")
-    trainer = trainer_for(tmp_path, callback, max_steps=9, eval_steps=1)
+    trainer = trainer_for(tmp_path, callback, max_steps=9, eval_steps=1, logging_steps=2)
     trainer.train()
     entries = adapters.load_library(tmp_path / "extracted" / "library.safetensors")
     losses = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
@@ -134,6 +134,8 @@ def test_a_resumed_trainer_run_keeps_the_extraction_state(tmp_path):
                         save_strategy="steps", save_steps=3)
     first.add_callback(StopAt3())
     first.train()
+    stopped = library.read(tmp_path / "first.out" / "library.safetensors")[1]  # stopped early: the weights it stopped with
+    assert [(entry.step, entry.triggers) for entry in stopped] == [(2, ["periodic"]), (3, ["final"])]
     checkpoint = tmp_path / "parts" / "trainer" / "checkpoint-3"
     assert (checkpoint / integrations.STATE_FILE).is_file()
     second = trainer_for(tmp_path / "parts", integrations.ParasiticExtraction(config, tmp_path / "parts.out"), eval_strategy="no")
