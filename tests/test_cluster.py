@@ -97,7 +97,7 @@ def test_a_study_runs_as_slurm_jobs_and_scores_as_a_local_run(tmp_path):
 
 
 def test_a_cancelled_job_resumes_from_its_checkpoint_on_the_next_run(tmp_path):
-    long_run = {"max_steps": 300, "eval_every": 0, "checkpoint_every": 20}
+    long_run = {"max_steps": 120, "eval_every": 0, "checkpoint_every": 20}  # cancelled at its first checkpoint, about a sixth in
     config = study(tmp_path / "slurm", variants=["lora"])
     changed = yaml.safe_load(config.read_text())
     changed["hparams"]["all"].update(long_run)
