@@ -8,7 +8,9 @@
 Threads, memory and GPUs per job come from the profile; the study (what to run) from config.
 """
 
+import json
 import os
+import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -229,7 +231,8 @@ rule report:
         f"{RESULTS}/logs/report.log",
     params:
         results=lambda wildcards, output: os.path.dirname(output[0]),
+        bars=shlex.quote(json.dumps(config.get("bars") or {}, sort_keys=True)),
     conda:
         ENV
     shell:
-        "python -m analysis.report {params.results} --no-rebuild > {log} 2>&1"
+        "python -m analysis.report {params.results} --no-rebuild --bars {params.bars} > {log} 2>&1"

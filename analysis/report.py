@@ -11,6 +11,7 @@ already on disk instead (the Snakemake ``report`` rule, which runs after ``aggre
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from functools import partial
@@ -33,6 +34,7 @@ from analysis.aggregate import (
     full_reference,
     glue_average,
     leaderboard,
+    lower_is_better,
     lr_selections,
     markdown_table,
     metric_name,
@@ -57,8 +59,9 @@ SOFTWARE_NAMES = {"python", "torch", "transformers"}
 LEARNT_FRACTION = 0.1
 
 
-def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
-    """Write ``results_dir/report.md``; with ``rebuild`` first rewrite tables and figures."""
+def build_report(results_dir: str | os.PathLike, rebuild: bool = True, bars: dict | None = None) -> Path:
+    """Write ``results_dir/report.md``; with ``rebuild`` first rewrite tables and figures. ``bars``:
+    the study config's, marked beside the leaderboard's rows (``leaderboards``)."""
     results = Path(results_dir)
     if rebuild:
         long, summary = write_tables(results)
@@ -69,7 +72,8 @@ def build_report(results_dir: str | os.PathLike, rebuild: bool = True) -> Path:
     figures = {name for name in (FIGURE, COST_FIGURE, SEED_FIGURE) if (results / name).exists()}
     tests_path = results / "tables" / "significance.csv"
     tests = pd.read_csv(tests_path) if tests_path.exists() else None
-    return files.write_text_atomic(results / "report.md", render(long, summary, figures=figures, extracted=found, tests=tests))
+    return files.write_text_atomic(results / "report.md", render(long, summary, figures=figures, extracted=found, tests=tests,
+                                                                 bars=bars))
 
 
 def read_tables(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -89,11 +93,13 @@ def render(
     figures: set[str] | frozenset[str] = frozenset({FIGURE, COST_FIGURE, SEED_FIGURE}),
     extracted: dict[str, pd.DataFrame] | None = None,
     tests: pd.DataFrame | None = None,
+    bars: dict | None = None,
 ) -> str:
     """The report's Markdown, from the tidy table (or run-level rows), the summary table, the
     figures that exist (paths relative to the results folder), the extraction tables
-    (``analysis.extraction``; that section is left out when there are none) and the
-    significance tests (``analysis.significance``; without them, no verdicts are shown)."""
+    (``analysis.extraction``; that section is left out when there are none), the
+    significance tests (``analysis.significance``; without them, no verdicts are shown) and the
+    study's bars (without them, no bar column)."""
     runs = runs_from_tidy(table)
     if runs.empty:
         return "\n\n".join(["# lorabench report", "No run records under `runs/` yet.", "## Failed runs\n\nnone"]) + "\n"
@@ -101,7 +107,7 @@ def render(
         header(runs),
         floor_note(leaderboard(summary, tests)),
         environment(runs),
-        leaderboards(summary, tests),
+        leaderboards(summary, tests, bars),
         seed_figure(SEED_FIGURE in figures, tests),
         glue_section(summary),
         score_figure(FIGURE in figures),
@@ -202,8 +208,23 @@ def environment(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def leaderboards(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> str:
-    """Per task, the trained variants best first, against full fine-tuning, LoRA and the floors."""
+def bar_verdicts(rows: pd.DataFrame, bar: dict) -> list[str]:
+    """Beside each leaderboard row of one task: '' where the mean reaches the task's bar, else
+    'under S' (over S for a metric where lower is better) and the measured reason the study's
+    config gives for that variant, or that none was measured."""
+    lower = lower_is_better(rows["primary_metric"].iloc[0])
+    reasons = bar.get("short") or {}
+    marks = []
+    for variant, setting, value in zip(rows["variant"], rows["setting"], rows["score_mean"]):
+        short = pd.notna(value) and (value > bar["score"] if lower else value < bar["score"])
+        reason = reasons.get(variant) if setting == DEFAULT_SETTING else None
+        marks.append(f"{'over' if lower else 'under'} {bar['score']:g}: {reason or 'no reason measured'}" if short else "")
+    return marks
+
+
+def leaderboards(summary: pd.DataFrame, tests: pd.DataFrame | None = None, bars: dict | None = None) -> str:
+    """Per task, the trained variants best first, against full fine-tuning, LoRA and the floors,
+    and, where the study sets a bar for the task, which means fall short of it and why."""
     board = leaderboard(summary, tests)
     if board.empty:
         return ""
@@ -234,6 +255,8 @@ def leaderboards(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> st
         if tests is not None:
             columns["vs LoRA"] = [value if isinstance(value, str) else "" for value in rows["vs_lora"]]
             columns["vs full"] = [value if isinstance(value, str) else "" for value in rows["vs_full"]]
+        if bars and task in bars:
+            columns["bar"] = bar_verdicts(rows, bars[task])
         parts.append(f"### {task}\n\n{markdown_table(pd.DataFrame(columns))}")
     return "\n\n".join(parts)
 
@@ -678,8 +701,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-rebuild", action="store_true", help="read tables/ and figures/ as they are instead of rebuilding them from runs/"
     )
+    parser.add_argument("--bars", type=json.loads, default={},
+                        help='the study\'s bars, as JSON: {task: {"score": S, "short": {variant: reason}}} (the Snakefile passes config "bars")')
     args = parser.parse_args(argv)
-    print(build_report(args.results_dir, rebuild=not args.no_rebuild))
+    print(build_report(args.results_dir, rebuild=not args.no_rebuild, bars=args.bars))
 
 
 if __name__ == "__main__":

@@ -227,6 +227,22 @@ def test_leaderboard_ranks_best_first_against_full_with_the_pareto_front(summary
     assert list(imdb["variant"]) == ["full", "lora"]  # vera has no successful run: not ranked
 
 
+def test_the_leaderboard_marks_a_mean_under_the_studys_bar_with_its_measured_reason(summary):
+    """SST-2 means: full 0.92, lora 0.86, vera 0.80; a bar of 0.85 with a reason for vera only,
+    and none for imdb (no column there)."""
+    bars = {"sst2": {"score": 0.85, "short": {"vera": "budget: 0.84 at twice the steps"}}}
+    text = report.leaderboards(summary, bars=bars)
+    sst2, imdb = text.split("### sst2")[1], text.split("### imdb")[1].split("### sst2")[0]
+    rows = {line.split("|")[2].strip(): line for line in sst2.splitlines() if line.startswith("| ") and "variant" not in line}
+    assert rows["vera"].rstrip().endswith("| under 0.85: budget: 0.84 at twice the steps |")
+    assert rows["full"].rstrip().endswith("|  |") and rows["lora"].rstrip().endswith("|  |")
+    assert "bar" in sst2.splitlines()[2] and "bar" not in imdb
+    lower = report.bar_verdicts(pd.DataFrame({"primary_metric": ["perplexity"] * 2, "variant": ["lora", "full"],
+                                              "setting": ["default"] * 2, "score_mean": [9.0, 11.0]}), {"score": 10})
+    assert lower == ["", "over 10: no reason measured"]  # lower is better: a mean above the bar falls short
+    assert report.leaderboards(summary) == report.leaderboards(summary, bars={})
+
+
 def test_pareto_front_keeps_the_undominated_points_and_ties():
     points = pd.DataFrame({"trainable": [10, 20, 20, 30, 40, None], "score_mean": [0.5, 0.7, 0.7, 0.6, 0.9, 1.0]})
     assert aggregate.pareto_front(points).tolist() == [True, True, True, False, True, False]
