@@ -44,7 +44,8 @@ def verdicts(row: pd.Series) -> str:
 
 def table(results_dir: str | Path) -> str:
     """The Markdown table: one row per variant of the default setting, three columns per task,
-    then its trainable parameters on each model (tasks sharing a model share the count)."""
+    then its trainable parameters on each model (tasks sharing a model share the count) and its
+    training throughput on each task."""
     board = pd.read_csv(Path(results_dir, "tables", "leaderboard.csv"))
     board = board[board["setting"] == DEFAULT_SETTING]
     tasks = sorted(board["task"].unique())
@@ -54,6 +55,9 @@ def table(results_dir: str | Path) -> str:
         metric = metric_name(board.loc[board["task"] == task, "primary_metric"].iloc[0])
         header += [f"{task} {metric}", "lr", "vs LoRA / full"]
     header += [f"trainable ({model})" for model in models]
+    header += [f"{task} tokens/s" for task in tasks]
+    summary = pd.read_csv(Path(results_dir, "tables", "summary.csv"))
+    throughput = summary[summary["setting"] == DEFAULT_SETTING].set_index(["task", "variant"])["tokens_per_s"]
     rows = []
     for variant in variant_order(board["variant"].unique()):
         cells = [f"`{variant}`"]
@@ -68,8 +72,11 @@ def table(results_dir: str | Path) -> str:
         for model_tasks in models.values():
             counts = board.loc[board["task"].isin(model_tasks) & (board["variant"] == variant), "trainable"].dropna()
             cells.append(f"{counts.iloc[0]:,.0f}" if len(counts) else "")
+        for task in tasks:
+            value = throughput.get((task, variant))
+            cells.append(f"{value:,.0f}" if value is not None and pd.notna(value) else "")
         rows.append(cells)
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|---:|---|" * len(tasks) + "---:|" * len(models)]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|---:|---|" * len(tasks) + "---:|" * (len(models) + len(tasks))]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n\n" + provenance(results_dir) + "\n"
 
@@ -99,7 +106,8 @@ def provenance(results_dir: str | Path) -> str:
     return (f"_Mean ± 95% CI (seeds); lr: the rate it trained at; vs LoRA / full: better, worse or n.s. at "
             f"{significance.ALPHA:g}, Holm-corrected per task and reference (Welch's t over seeds with "
             f"{significance.MIN_SEEDS_FOR_T} or more a side, else a paired bootstrap over the evaluation examples; n.s. is "
-            f"no evidence of equality); {AT_FLOOR}: not significantly above the majority class or the untrained model. "
+            f"no evidence of equality); {AT_FLOOR}: not significantly above the majority class or the untrained model; "
+            "tokens/s: training tokens a second, mean over seeds, measured with two one-thread jobs sharing the CPU. "
             f"From `python -m analysis.headline {results_dir}`, records{commits}._")
 
 
