@@ -20,6 +20,7 @@ import pandas as pd
 from analysis import significance
 from analysis.aggregate import DEFAULT_SETTING, FULL, metric_name, runs_from_tidy, variant_order
 from analysis.report import AT_FLOOR
+from lorabench import docs
 
 START, END = "<!-- study-table:start -->", "<!-- study-table:end -->"
 
@@ -113,14 +114,7 @@ def provenance(results_dir: str | Path) -> str:
 
 def write(path: Path, text: str) -> bool:
     """Put ``text`` between the markers of ``path``; True when the file changed."""
-    content = path.read_text()
-    if START not in content or END not in content:
-        raise SystemExit(f"{path}: add the lines {START} and {END} where the study's table goes")
-    before, rest = content.split(START, 1)
-    after = rest.split(END, 1)[1]
-    updated = f"{before}{START}\n{text}{END}{after}"
-    path.write_text(updated)
-    return updated != content
+    return docs.replace_between(path, START, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,6 @@ layer at every extraction is not an overhead this design can claim.
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -184,12 +183,11 @@ class Extraction:
         return folder
 
     def _best(self, kept: library.Library) -> library.Entry:
-        scored = [entry for entry in kept.entries if entry.validation is not None and math.isfinite(entry.validation)]
-        if not scored:
+        try:
+            return library.choose(kept.entries, best=True, higher_is_better=self.higher_is_better)
+        except library.LibraryError as error:
             raise ExtractionError("save(which='best'): no kept adapter has a validation score; pass validation= to after_step, "
-                                  "or save the last one")
-        sign = 1 if self.higher_is_better else -1
-        return max(scored, key=lambda entry: (sign * entry.validation, -entry.step))
+                                  "or save the last one") from error
 
     # A checkpoint keeps the extractor's state (lorabench/checkpoint.py keeps the same for lorabench's own runs).
     def save_state(self, path: str | Path) -> None:
