@@ -11,7 +11,7 @@ TUNE ?= config/tune.yaml
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run smoke costs nf4 tune test test-variant report lint clean
+.PHONY: run smoke costs nf4 ranks tune test test-variant report lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ costs: run
 # Extracted adapters on a 4-bit base: plain and NF4-aware extraction, fp32 and NF4 bases, beside qlora (results/nf4/report.md).
 nf4: CONFIG = config/nf4.yaml
 nf4: run
+
+# Extracted adapters at ranks 1-64 beside LoRA trained at each rank (results/ranks/report.md).
+ranks: CONFIG = config/ranks.yaml
+ranks: run
 
 # The tuning study: every variant's learning-rate sweep on every task at the default study's
 # budgets (no final runs), then config/rates.yaml from their records, which `make run` reads.
