@@ -78,6 +78,12 @@ def test_quick_benchmark_runs_every_section_with_finite_ratios(quick_run):
     assert scoring["shared_prompts"] == 4 and finite(scoring["shared_over_full"])
     assert scoring["relative_loss_gap"] < 1e-5  # sharing a prompt's pass changes what is computed, not the loss
 
+    warm_start = figures["warmstart"]  # both schemes scored at every extraction; the first, cold, is shared
+    rows = warm_start["extractions"]
+    assert len(rows) >= 2 and rows[0]["one_max"] == rows[0]["two_max"]
+    assert all(0 <= row[key] <= 1 for row in rows for key in ("two_max", "two_mean", "one_max", "one_mean"))
+    assert warm_start["percent_flops_two_products"] == pytest.approx(2 * warm_start["percent_flops_one_product"])
+
     trainer = figures["trainer"]
     assert finite(trainer["with_over_plain"]) and finite(trainer["warm_extraction_over_step"]) and finite(trainer["percent_time_at_50"])
     assert all(finite(value) for value in trainer["logged_percent_time"]) and "Trainer with the callback / without" in printed

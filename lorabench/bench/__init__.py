@@ -42,6 +42,12 @@ Sections (``--only NAME``, repeatable):
 ``scoring``     a decoder's perplexity of E2E's test references as the default study scores them,
                 the references of one prompt sharing one pass over it, against each reference
                 teacher-forced in full (the same loss within float rounding).
+``warmstart``   a full fine-tune (``--extraction-steps`` steps; extractions every 50 steps from 200
+                steps on, else every 10) whose every extraction is scored against the exact SVD:
+                the extractor's two products with dW against one (half a step of the iteration,
+                alternating sides), the largest error of the explained variance, with each
+                scheme's share of training's FLOPs: what extraction under half a percent at
+                steps of a few hundred tokens would cost in accuracy.
 ``trainer``     a ``transformers.Trainer`` full fine-tune (``--extraction-steps`` steps) with the
                 ``ParasiticExtraction`` callback every 10 steps and without, alternately, twice:
                 the runtime ratio (hooks and W0's snapshot included), and from the callback's own
@@ -50,11 +56,11 @@ Sections (``--only NAME``, repeatable):
 Modules: ``common`` holds what every section measures on (``Setup``, ``make_setup``), the timing
 and memory counters (``side_by_side``, ``held_for_backward``, ``Trainee``) and the rest that more
 than one section uses (PEFT's config of a method, our r=8 LoRA); ``peft``, ``overhead``,
-``extraction``, ``jobs``, ``scoring`` and ``trainer`` hold one section each; ``__main__`` the command. The
+``extraction``, ``jobs``, ``scoring``, ``warm_start`` and ``trainer`` hold one section each; ``__main__`` the command. The
 targets and names below are here for the sections and the tests alike.
 """
 
-SECTIONS = ("peft", "overhead", "extraction", "jobs", "scoring", "trainer")
+SECTIONS = ("peft", "overhead", "extraction", "jobs", "scoring", "warmstart", "trainer")
 METHODS = ("lora", "dora", "vera", "pissa", "delora", "adalora", "qlora")
 SPEED_TARGET = {"dora": 1.15}  # tokens/s ours / PEFT at least this; 1.0 for the others
 MEMORY_TARGET = 1.0  # memory ours / PEFT at most this
@@ -63,8 +69,8 @@ INFERENCE_TARGET = 1.10  # unmerged / merged forward time at most this
 EXTRACTION_INTERVALS = (10, 50, 200)
 EXTRACTION_TARGET = (50, 0.25)  # at interval 50, under 0.25% of training time
 # A realistic batch: 4,096 tokens a step in sequences of 128 (fewer where the model's positions
-# end; the default study's SST-2 steps have about 420 tokens), where a warm extraction every 50
-# steps should cost under 0.1% of training time.
+# end; the bench's 32 SST-2 sentences have about 420 tokens, the default study's 16 about 200),
+# where a warm extraction every 50 steps should cost under 0.1% of training time.
 LONG_BATCH = (4096, 128)
 LONG_BATCH_TARGET = (50, 0.1)
 SCORING_ROUNDS = 3  # rounds of the scoring section: one call of the real decoder's takes seconds

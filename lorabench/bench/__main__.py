@@ -22,6 +22,7 @@ from lorabench.bench.overhead import section_overhead
 from lorabench.bench.peft import section_peft
 from lorabench.bench.scoring import section_scoring
 from lorabench.bench.trainer import section_trainer
+from lorabench.bench.warm_start import section_warm_start
 
 DEFAULTS = {"warmup": 3, "rounds": 25, "extraction_steps": 60, "threads": 0}
 QUICK = {"warmup": 1, "rounds": 3, "extraction_steps": 20, "threads": 1}  # tiny models run fastest on one thread
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["jobs"] = section_jobs(setup)
     if "scoring" in sections:
         figures["scoring"] = section_scoring(setup, args.decoder, args.quick)
+    if "warmstart" in sections:
+        figures["warmstart"] = section_warm_start(setup, args.extraction_steps, args.quick)
     if "trainer" in sections:
         figures["trainer"] = section_trainer(setup, args.extraction_steps)
     about["seconds"] = time.perf_counter() - started
