@@ -169,6 +169,12 @@ def side_by_side(a: Callable[[], Any], b: Callable[[], Any], setup: Setup) -> di
             "rounds_a_ms": times[0], "rounds_b_ms": times[1]}
 
 
+def products_over_step(matrices, width: int, step_flops: float) -> float:
+    """The two products with dW of ``width`` columns a warm extraction makes (2 m n q each, over
+    every extraction matrix), in training steps' FLOPs: the floor of an extraction's cost."""
+    return sum(4 * matrix.numel() * width for matrix in matrices) / step_flops
+
+
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (a tied or shared tensor counts once)."""
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())

@@ -12,7 +12,7 @@ import tasks
 import variants
 from lorabench import adapters, extract, measure
 from lorabench.bench import EXTRACTION_INTERVALS, EXTRACTION_TARGET, LONG_BATCH, LONG_BATCH_TARGET
-from lorabench.bench.common import Setup, mark, storage_bytes, synthetic_examples
+from lorabench.bench.common import Setup, mark, products_over_step, storage_bytes, synthetic_examples
 from lorabench.train import train
 
 
@@ -82,7 +82,7 @@ def measure_extraction(setup: Setup, steps: int, examples: list[dict], batch_siz
     warm_flops = sum(extract.svd_flops(*p.shape, extract_cfg.max_rank, extract_cfg.oversample, extract_cfg.niter,
                                        extract_cfg.exact_below, warm=True) for p in extractor.matrices.values())
     width = extract_cfg.max_rank + extract_cfg.oversample
-    products = sum(4 * p.numel() * width for p in extractor.matrices.values()) / step_flops  # the two passes over dW alone
+    products = products_over_step(extractor.matrices.values(), width, step_flops)  # the two passes over dW alone
     snapshot = extractor.snapshot
     spectra = storage_bytes([t for found in extractor.last.values() for t in (found.U, found.S, found.V, found.basis) if t is not None]
                             + list(extractor.differences.values()))

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import tasks
 import variants
-from lorabench import adapters, extract
+from lorabench import adapters, extract, rates
 from lorabench.bench import EXTRACTION_INTERVALS
-from lorabench.bench.common import Setup
+from lorabench.bench.common import Setup, products_over_step
 from lorabench.train import train
 
-FULL_LR = 1e-4  # the full fine-tune's tuned SST-2 rate (config/rates.yaml)
+RATES = Path(__file__).resolve().parents[2] / "config" / "rates.yaml"  # the full fine-tune trains at its tuned SST-2 rate
 
 
 def explained_error(S: torch.Tensor, exact: torch.Tensor, energy: float, max_rank: int) -> float:
@@ -46,10 +47,10 @@ def half_step(delta: torch.Tensor, side: str, basis: torch.Tensor) -> tuple[torc
     product with dW, and the other side's subspace for the next extraction."""
     if side == "right":
         Y = delta @ basis
-        gram, following = Y.mT @ Y, ("left", torch.linalg.qr(Y).Q)
+        gram, following = Y.mT @ Y, ("left", extract.orthonormal(Y))
     else:
         Z = basis.mT @ delta
-        gram, following = Z @ Z.mT, ("right", torch.linalg.qr(Z.mT).Q)
+        gram, following = Z @ Z.mT, ("right", extract.orthonormal(Z.mT))
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt(), following
 
 
@@ -77,7 +78,7 @@ class ComparingExtractor(extract.Extractor):
                 S, self.half[name] = half_step(delta, *self.half[name])
                 one.append(explained_error(S, exact, found.energy, self.cfg.max_rank))
             else:  # the cold extraction both share; the half steps go on from its right subspace
-                self.half[name] = ("right", torch.linalg.qr(found.basis).Q)
+                self.half[name] = ("right", extract.orthonormal(found.basis))
                 one.append(two[-1])
         if two:
             self.errors.append({"step": step, "two_max": max(two), "two_mean": sum(two) / len(two),
@@ -92,7 +93,8 @@ def section_warm_start(setup: Setup, steps: int, quick: bool) -> dict[str, Any]:
     full = variants.get("full")
     model = setup.fresh_model()
     adapters.attach(model, full, full.Config())
-    cfg = dataclasses.replace(setup.train_cfg, max_steps=steps, lr=FULL_LR, weight_decay=0.01, log_every=steps)
+    lr = rates.selection_for(RATES, "sst2", "full")["lr"]
+    cfg = dataclasses.replace(setup.train_cfg, max_steps=steps, lr=lr, weight_decay=0.01, log_every=steps)
     # The tiny model's matrices are 32 wide: a sketch narrower than that, so that it iterates at all.
     extract_cfg = extract.ExtractConfig(interval=interval, max_rank=8, oversample=4, exact_below=0) if quick \
         else extract.ExtractConfig(interval=interval)
@@ -102,7 +104,8 @@ def section_warm_start(setup: Setup, steps: int, quick: bool) -> dict[str, Any]:
                     extractor=extractor)
     tokens = trained["tokens"] / steps
     width = extract_cfg.max_rank + extract_cfg.oversample
-    one_product = 100 * 2 * width / (6 * tokens * interval)  # 2 m n q over 6 m n x tokens x interval, for every matrix alike
+    step_flops = extract.training_flops(model, trained["tokens"]) / steps
+    one_product = 100 * products_over_step(extractor.matrices.values(), width, step_flops) / (2 * interval)
     result = {"steps": steps, "interval": interval, "tokens_per_step": tokens, "width": width,
               "percent_flops_two_products": 2 * one_product, "percent_flops_one_product": one_product, "extractions": extractor.errors}
     print(f"{tokens:.0f} tokens a step, q = {width}: at interval {interval} two products with dW are {2 * one_product:.3f}% of "
